@@ -1,0 +1,185 @@
+// Stage 1 on the CPU: one pass over the input rows accumulates U_g[label, :] += P_i (SPEC §3).
+#include "joint_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "softmax_cpu.h"
+#include "tiles_cpu.h"
+#include "vectorize.h"
+
+namespace dmi_ext::cpu {
+namespace {
+
+// Elements of input a task should have before another thread is worth waking.
+constexpr int64_t kGrainElements = 16384;
+
+// U[label[i], :] += p[i, :] for kept rows, in float64 so the error does not grow with N.
+template <typename acc_t>
+inline void accumulate_rows_impl(double* U, const acc_t* p, const int64_t* label, int64_t rows,
+                                 int64_t C) {
+  for (int64_t i = 0; i < rows; ++i) {
+    if (label[i] < 0) continue;
+    double* u = U + label[i] * C;
+    const acc_t* pr = p + i * C;
+    for (int64_t k = 0; k < C; ++k) u[k] += static_cast<double>(pr[k]);
+  }
+}
+DMI_CPU_CLONES void accumulate_rows(double* U, const float* p, const int64_t* label, int64_t rows,
+                                    int64_t C) {
+  accumulate_rows_impl(U, p, label, rows, C);
+}
+DMI_CPU_CLONES void accumulate_rows(double* U, const double* p, const int64_t* label,
+                                    int64_t rows, int64_t C) {
+  accumulate_rows_impl(U, p, label, rows, C);
+}
+
+// Row chunks per input slice. Slices are independent, so chunking only pays while there are
+// fewer slices than threads, the chunk has enough work, and its partial C x C matrices stay small
+// next to the rows it sums.
+int64_t chunks_per_slice(const Layout& L, int64_t threads) {
+  if (threads <= 1 || L.slices >= threads) return 1;
+  const int64_t work = L.rows * L.classes * L.sources;
+  int64_t k = threads / L.slices;
+  k = std::min(k, std::max<int64_t>(1, work / kGrainElements));
+  k = std::min(k, std::max<int64_t>(1, L.rows / L.classes));
+  return std::max<int64_t>(k, 1);
+}
+
+std::string label_position(const Layout& L, int64_t g, int64_t row) {
+  if (L.single) return "[" + std::to_string(row) + "]";
+  return "[" + std::to_string(g) + ", " + std::to_string(row) + "]";
+}
+
+template <typename scalar_t, typename index_t>
+void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layout& L,
+                  bool from_logits, int64_t ignore_index, bool validate, double* sums,
+                  int64_t* counts) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor x = input_3d(input);
+  const at::Tensor t = target_2d(target, L);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const index_t* tp = t.const_data_ptr<index_t>();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
+  const int64_t ts0 = t.stride(0), ts1 = t.stride(1);
+  const int64_t S = L.slices, M = L.sources, N = L.rows, C = L.classes, CC = C * C;
+  // Tolerance on a probability row's sum: loose enough for a float16 softmax, tight enough to
+  // catch logits passed with from_logits=False.
+  const double prob_tol = sizeof(scalar_t) == 2 ? 1e-2 : 1e-3;
+
+  const int64_t K = chunks_per_slice(L, at::get_num_threads());
+  // Partials of different tasks start on separate cache lines (no false sharing).
+  const int64_t part_stride = (M * CC + 7) / 8 * 8;
+  at::Tensor partial = K > 1 ? at::zeros({S * K * part_stride}, x.options().dtype(at::kDouble))
+                             : at::Tensor();
+  std::vector<int64_t> part_counts(K > 1 ? S * K * M : 0);
+
+  const int64_t tasks = S * K;
+  const int64_t grain = K > 1 ? 1 : std::max<int64_t>(1, kGrainElements / (N * C * M));
+  at::parallel_for(0, tasks, grain, [&](int64_t task_begin, int64_t task_end) {
+    const int64_t TR = tile_rows(C);
+    std::vector<acc_t> tile(TR * C);
+    std::vector<int64_t> labels(TR);
+    std::vector<int64_t> kept(M);
+    std::vector<char> invalid(M);
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t s = task / K, k = task % K;
+      const int64_t r0 = N * k / K, r1 = N * (k + 1) / K;
+      double* dst = K > 1 ? partial.data_ptr<double>() + task * part_stride : sums + s * M * CC;
+      std::fill(kept.begin(), kept.end(), 0);
+      std::fill(invalid.begin(), invalid.end(), 0);
+      for (int64_t r = r0; r < r1; r += TR) {
+        const int64_t nr = std::min(TR, r1 - r);
+        load_rows(tile.data(), xp + s * xs0 + r * xs1, xs1, xs2, nr, C);
+        if (from_logits) {
+          softmax_rows(tile.data(), nr, C);
+        } else if (validate) {
+          double bad_sum = 0, bad_min = 0;
+          const int64_t bad =
+              first_non_probability_row(tile.data(), nr, C, prob_tol, &bad_sum, &bad_min);
+          TORCH_CHECK_VALUE(bad < 0, "dmi_ext: argument 'input' is not a probability vector at row ",
+                            r + bad, (S > 1 ? " of slice " + std::to_string(s) : std::string()),
+                            " (sum ", bad_sum, ", min ", bad_min,
+                            ") but from_logits=False; pass logits with from_logits=True, or "
+                            "validate=False to skip this check");
+        }
+        for (int64_t j = 0; j < M; ++j) {
+          const int64_t g = s * M + j;
+          kept[j] += read_labels(labels.data(), tp + g * ts0 + r * ts1, ts1, nr, C, ignore_index);
+          for (int64_t i = 0; i < nr; ++i) {
+            if (labels[i] != kOutOfRangeLabel) continue;
+            TORCH_CHECK_INDEX(!validate, "dmi_ext: argument 'target' holds the label ",
+                              static_cast<int64_t>(tp[g * ts0 + (r + i) * ts1]), " at ",
+                              label_position(L, g, r + i), ", outside [0, ", C,
+                              ") and not ignore_index (", ignore_index, ")");
+            invalid[j] = 1;
+          }
+          accumulate_rows(dst + j * CC, tile.data(), labels.data(), nr, C);
+        }
+      }
+      for (int64_t j = 0; j < M; ++j) {
+        // Without validation a bad label poisons its matrix: NaN loss, never silent garbage.
+        if (invalid[j]) std::fill(dst + j * CC, dst + (j + 1) * CC, std::numeric_limits<double>::quiet_NaN());
+        if (K > 1) part_counts[task * M + j] = kept[j];
+        else counts[s * M + j] = kept[j];
+      }
+    }
+  });
+
+  if (K > 1) {  // combine the partials of each slice in chunk order: a fixed summation order
+    const double* part = partial.const_data_ptr<double>();
+    for (int64_t s = 0; s < S; ++s) {
+      for (int64_t k = 0; k < K; ++k) {
+        const double* src = part + (s * K + k) * part_stride;
+        double* dst = sums + s * M * CC;
+        for (int64_t e = 0; e < M * CC; ++e) dst[e] += src[e];
+        for (int64_t j = 0; j < M; ++j) counts[s * M + j] += part_counts[(s * K + k) * M + j];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void joint_accumulate(const at::Tensor& input, const at::Tensor& target, const Layout& layout,
+                      bool from_logits, int64_t ignore_index, bool validate, at::Tensor& sums,
+                      at::Tensor& counts) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "dmi_ext_joint_cpu", [&] {
+        if (target.scalar_type() == at::kLong) {
+          joint_kernel<scalar_t, int64_t>(input, target, layout, from_logits, ignore_index,
+                                          validate, sums.data_ptr<double>(),
+                                          counts.data_ptr<int64_t>());
+        } else {
+          joint_kernel<scalar_t, int32_t>(input, target, layout, from_logits, ignore_index,
+                                          validate, sums.data_ptr<double>(),
+                                          counts.data_ptr<int64_t>());
+        }
+      });
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> joint_cpu(const at::Tensor& input, const at::Tensor& target,
+                                             bool from_logits, int64_t ignore_index,
+                                             bool validate) {
+  const Layout L = check_inputs(input, target);
+  const int64_t G = L.matrices(), C = L.classes;
+  at::Tensor sums = at::zeros({G, C, C}, input.options().dtype(at::kDouble));
+  at::Tensor counts = at::zeros({G}, input.options().dtype(at::kLong));
+  joint_accumulate(input, target, L, from_logits, ignore_index, validate, sums, counts);
+  if (L.single) return {sums.squeeze(0), counts.squeeze(0)};
+  return {sums, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmi_ext, CPU, m) { m.impl("joint", &joint_cpu); }
+
+}  // namespace dmi_ext::cpu

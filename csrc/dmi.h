@@ -1,0 +1,69 @@
+// Shared declarations of the dmi_ext op library: the shape contract of SPEC §2, the argument
+// checks of SPEC §7 and the names of the stage kernels that csrc/cpu/ and csrc/cuda/ implement.
+//
+// The data flow is input -> joint (accumulate U) -> lu (log|det U|, loss, grad table) ->
+// backward (gather one row of the grad table per input row). Every device implements the same
+// three stages plus the fused forward `dmi` that runs joint and lu in one call.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace dmi_ext {
+
+// Reduction codes, the values of at::Reduction::Reduction.
+constexpr int64_t kReductionNone = 0;
+constexpr int64_t kReductionMean = 1;
+constexpr int64_t kReductionSum = 2;
+
+// Up to this many classes the LU runs inside our own kernels; above it the joint matrices are
+// handed to ATen's LU (LAPACK on CPU, cuSOLVER/MAGMA on CUDA).
+constexpr int64_t kFusedMaxClasses = 128;
+
+// How the rows of `input` and `target` map onto matrices (SPEC §2). Matrix g = slice * sources + j
+// reads input slice `slice` and target row g:
+//   (N, C)    + (N,)    -> slices 1, sources 1, single   (one matrix, scalar outputs)
+//   (B, N, C) + (B, N)  -> slices B, sources 1           (B independent problems)
+//   (N, C)    + (M, N)  -> slices 1, sources M           (M label sources, input read once)
+struct Layout {
+  int64_t slices;
+  int64_t sources;
+  int64_t rows;
+  int64_t classes;
+  bool single;
+  int64_t matrices() const { return slices * sources; }
+};
+
+// Validates dtypes, devices and shapes; throws an error that names the argument and the value.
+Layout check_inputs(const at::Tensor& input, const at::Tensor& target);
+void check_eps(double eps);
+void check_reduction(int64_t reduction);
+void check_joint(const at::Tensor& sums, const at::Tensor& counts);
+void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad_table, const Layout& layout,
+                    int64_t reduction);
+
+// input as (slices, N, C) and target as (matrices, N): views, no copies.
+at::Tensor input_3d(const at::Tensor& input);
+at::Tensor target_2d(const at::Tensor& target, const Layout& layout);
+
+// The dtype of the loss and log|det| outputs: float32 for 16-bit inputs, else the input's dtype.
+at::ScalarType loss_dtype(at::ScalarType input_dtype);
+
+// Shapes of the per-matrix outputs: () for a single matrix, else (matrices,).
+std::vector<int64_t> matrix_shape(const Layout& layout);
+
+// The op schemas (ops.cpp) and the device kernels registered for them:
+//   joint(input, target, from_logits, ignore_index, validate) -> (sums, counts)
+//       sums: (G, C, C) float64, unnormalised sum of P rows by label; counts: (G,) int64 kept rows.
+//       A label outside [0, C) raises when validate, else fills its matrix with NaN.
+//   lu_loss(sums, counts, normalize, eps) -> (loss, logabsdet, singular, grad_table)
+//       per matrix, float64; grad_table[g] = s_g * dL_g/dU_g = -w_g s_g U_g^{-T} (0 if singular).
+//   dmi(input, target, from_logits, normalize, eps, ignore_index, reduction, validate)
+//       -> (loss, logabsdet, singular, grad_table): joint + lu_loss fused, loss reduced.
+//   dmi_backward(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction)
+//       -> grad_input: dL/dP[i] = sum_g scale_g * grad_table[g][target[g, i]], then softmax'.
+using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+}  // namespace dmi_ext

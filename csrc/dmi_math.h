@@ -1,0 +1,49 @@
+// The per-matrix scalar maths of SPEC §3-4, written once for the CPU and CUDA kernels alike:
+// loss and gradient weight from log|det U|, and the scale each matrix's gradient gets from the
+// incoming gradient under a reduction. Everything here is float64 and branch-only, so a CUDA
+// thread and a CPU loop compute bitwise the same numbers.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace dmi_ext {
+
+// log(eps), with eps = 0 mapped to -inf (then loss = -log|det U|).
+C10_HOST_DEVICE inline double log_eps_of(double eps) {
+  return eps > 0.0 ? ::log(eps) : -std::numeric_limits<double>::infinity();
+}
+
+// loss = -log(|det U| + eps) = -logaddexp(logabsdet, log eps), without forming det U.
+C10_HOST_DEVICE inline double loss_from_logabsdet(double logabsdet, double log_eps) {
+  if (logabsdet != logabsdet) return logabsdet;  // NaN in, NaN out
+  const double inf = std::numeric_limits<double>::infinity();
+  if (logabsdet == -inf && log_eps == -inf) return inf;  // singular with eps = 0
+  const double hi = logabsdet > log_eps ? logabsdet : log_eps;
+  const double lo = logabsdet > log_eps ? log_eps : logabsdet;
+  return -(hi + ::log1p(::exp(lo - hi)));
+}
+
+// w = |det U| / (|det U| + eps) = sigmoid(logabsdet - log eps); 1 when eps = 0. It is only used
+// for non-singular U (singular U has a zero gradient).
+C10_HOST_DEVICE inline double det_weight(double logabsdet, double log_eps) {
+  const double d = logabsdet - log_eps;  // +inf when eps = 0
+  if (d >= 0.0) return 1.0 / (1.0 + ::exp(-d));
+  const double e = ::exp(d);
+  return e / (1.0 + e);
+}
+
+// The factor matrix g's gradient table is multiplied by in the backward, given the gradient of
+// the op's (possibly reduced) loss output.
+template <typename grad_t>
+C10_HOST_DEVICE inline double grad_scale(const grad_t* grad_loss, int64_t g, int64_t matrices,
+                                         int64_t reduction) {
+  if (reduction == 0) return static_cast<double>(grad_loss[g]);  // per-matrix loss
+  const double go = static_cast<double>(grad_loss[0]);
+  return reduction == 1 ? go / static_cast<double>(matrices) : go;
+}
+
+}  // namespace dmi_ext

@@ -1,0 +1,330 @@
+// The op library's front: schemas (TORCH_LIBRARY), the argument checks every device kernel runs
+// first, and the autograd kernels. Device kernels register themselves from csrc/cpu/ and
+// csrc/cuda/ with TORCH_LIBRARY_IMPL; the dispatcher picks the device.
+//
+// Autograd is registered here in C++ rather than from Python: on a 2-core CPU a Python-level
+// autograd.Function adds about 60 us per forward+backward, more than the whole fused op costs at
+// N = 128 (see README, "Design choices"). The formula is still a registered op (dmi_backward),
+// and the fake kernels that torch.compile needs are registered from Python (dmi_ext/_ops.py).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <sstream>
+
+#include "dmi.h"
+
+namespace dmi_ext {
+
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+bool is_supported_input_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+Layout check_inputs(const at::Tensor& input, const at::Tensor& target) {
+  TORCH_CHECK_TYPE(is_supported_input_dtype(input.scalar_type()),
+                   "dmi_ext: argument 'input' must be float16, bfloat16, float32 or float64, got ",
+                   input.scalar_type());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+                   "dmi_ext: argument 'target' must hold int64 or int32 class labels, got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(input.device() == target.device(),
+                    "dmi_ext: arguments 'input' and 'target' must be on the same device, got "
+                    "input on ",
+                    input.device(), " and target on ", target.device());
+  TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3,
+                    "dmi_ext: argument 'input' must have shape (N, C) or (B, N, C), got shape ",
+                    shape_str(input));
+  const int64_t C = input.size(-1);
+  const int64_t N = input.size(-2);
+  TORCH_CHECK_VALUE(C >= 2, "dmi_ext: argument 'input' has C = ", C,
+                    " classes (its last dimension); DMI needs C >= 2");
+  TORCH_CHECK_VALUE(N >= 1, "dmi_ext: argument 'input' has N = 0 rows (shape ", shape_str(input),
+                    "); the joint matrix of no rows is undefined");
+  Layout L{1, 1, N, C, false};
+  if (input.dim() == 2 && target.dim() == 1) {
+    TORCH_CHECK_VALUE(target.size(0) == N, "dmi_ext: argument 'target' has shape ",
+                      shape_str(target), " but 'input' has shape ", shape_str(input),
+                      ": expected target of shape (", N, ",) or (M, ", N, ")");
+    L.single = true;
+  } else if (input.dim() == 2 && target.dim() == 2) {
+    TORCH_CHECK_VALUE(target.size(1) == N, "dmi_ext: argument 'target' has shape ",
+                      shape_str(target), " but 'input' has shape ", shape_str(input),
+                      ": expected target of shape (", N, ",) or (M, ", N, ")");
+    TORCH_CHECK_VALUE(target.size(0) >= 1, "dmi_ext: argument 'target' has M = 0 label sources");
+    L.sources = target.size(0);
+  } else if (input.dim() == 3 && target.dim() == 2) {
+    TORCH_CHECK_VALUE(target.size(0) == input.size(0) && target.size(1) == N,
+                      "dmi_ext: argument 'target' has shape ", shape_str(target),
+                      " but 'input' has shape ", shape_str(input), ": expected target of shape (",
+                      input.size(0), ", ", N, ")");
+    TORCH_CHECK_VALUE(input.size(0) >= 1, "dmi_ext: argument 'input' has B = 0 matrices");
+    L.slices = input.size(0);
+  } else {
+    TORCH_CHECK_VALUE(false, "dmi_ext: argument 'target' has shape ", shape_str(target),
+                      ", which does not pair with input of shape ", shape_str(input),
+                      ": use (N, C) with (N,) or (M, N), or (B, N, C) with (B, N)");
+  }
+  return L;
+}
+
+void check_eps(double eps) {
+  TORCH_CHECK_VALUE(eps >= 0.0 && eps < std::numeric_limits<double>::infinity(),
+                    "dmi_ext: argument 'eps' must be finite and >= 0, got ", eps);
+}
+
+void check_reduction(int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction >= kReductionNone && reduction <= kReductionSum,
+                    "dmi_ext: argument 'reduction' must be 0 (none), 1 (mean) or 2 (sum), got ",
+                    reduction);
+}
+
+void check_joint(const at::Tensor& sums, const at::Tensor& counts) {
+  TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble,
+                   "dmi_ext: argument 'sums' must be float64, got ", sums.scalar_type());
+  TORCH_CHECK_TYPE(counts.scalar_type() == at::kLong,
+                   "dmi_ext: argument 'counts' must be int64, got ", counts.scalar_type());
+  TORCH_CHECK_VALUE(sums.device() == counts.device(),
+                    "dmi_ext: arguments 'sums' and 'counts' must be on the same device, got ",
+                    sums.device(), " and ", counts.device());
+  TORCH_CHECK_VALUE(sums.dim() >= 2 && sums.size(-1) == sums.size(-2) && sums.size(-1) >= 2,
+                    "dmi_ext: argument 'sums' must have shape (..., C, C) with C >= 2, got ",
+                    shape_str(sums));
+  TORCH_CHECK_VALUE(counts.sizes() == sums.sizes().slice(0, sums.dim() - 2),
+                    "dmi_ext: argument 'counts' has shape ", shape_str(counts),
+                    " but 'sums' has shape ", shape_str(sums), ": expected counts of shape ",
+                    sums.sizes().slice(0, sums.dim() - 2));
+}
+
+void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad_table, const Layout& L,
+                    int64_t reduction) {
+  const int64_t G = L.matrices(), C = L.classes;
+  TORCH_CHECK_TYPE(grad_table.scalar_type() == at::kDouble,
+                   "dmi_ext: argument 'grad_table' must be float64, got ",
+                   grad_table.scalar_type());
+  TORCH_CHECK_VALUE(grad_table.numel() == G * C * C && grad_table.size(-1) == C,
+                    "dmi_ext: argument 'grad_table' has shape ", shape_str(grad_table),
+                    ", expected (", G, ", ", C, ", ", C, ")");
+  TORCH_CHECK_TYPE(at::isFloatingType(grad_loss.scalar_type()),
+                   "dmi_ext: argument 'grad_loss' must be floating point, got ",
+                   grad_loss.scalar_type());
+  const int64_t expected = reduction == kReductionNone ? G : 1;
+  TORCH_CHECK_VALUE(grad_loss.numel() == expected, "dmi_ext: argument 'grad_loss' has ",
+                    grad_loss.numel(), " elements, expected ", expected);
+  TORCH_CHECK_VALUE(grad_loss.device() == grad_table.device(),
+                    "dmi_ext: arguments 'grad_loss' and 'grad_table' must be on the same device");
+}
+
+at::Tensor input_3d(const at::Tensor& input) {
+  return input.dim() == 2 ? input.unsqueeze(0) : input;
+}
+
+at::Tensor target_2d(const at::Tensor& target, const Layout& layout) {
+  return layout.single ? target.unsqueeze(0) : target;
+}
+
+at::ScalarType loss_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::vector<int64_t> matrix_shape(const Layout& layout) {
+  if (layout.single) return {};
+  return {layout.matrices()};
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The backward op, typed once; called from the autograd kernels below.
+at::Tensor call_dmi_backward(const at::Tensor& grad_loss, const at::Tensor& input,
+                             const at::Tensor& target, const at::Tensor& grad_table,
+                             bool from_logits, int64_t ignore_index, int64_t reduction) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dmi_ext::dmi_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, bool,
+                                               int64_t, int64_t)>();
+  return op.call(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction);
+}
+
+// Fused forward: L = reduce(-log(|det U_g| + eps)); backward through the grad table.
+class DMIFunction : public torch::autograd::Function<DMIFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const at::Tensor& target, bool from_logits, bool normalize,
+                               double eps, int64_t ignore_index, int64_t reduction,
+                               bool validate) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("dmi_ext::dmi", "")
+            .typed<LossOutputs(const at::Tensor&, const at::Tensor&, bool, bool, double,
+                               int64_t, int64_t, bool)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, lad, singular, table] =
+        op.call(input, target, from_logits, normalize, eps, ignore_index, reduction, validate);
+    ctx->save_for_backward({input, target, table});
+    ctx->saved_data["from_logits"] = from_logits;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->mark_non_differentiable({lad, singular, table});
+    return {loss, lad, singular, table};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad_input;
+    if (grads[0].defined()) {
+      grad_input = call_dmi_backward(grads[0], saved[0], saved[1], saved[2],
+                                     ctx->saved_data["from_logits"].toBool(),
+                                     ctx->saved_data["ignore_index"].toInt(),
+                                     ctx->saved_data["reduction"].toInt());
+    }
+    return {grad_input, at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// Joint sums: dsums_g/dP_i = one-hot, so the backward is the same gather with the incoming
+// gradient of the sums as the table and a scale of 1.
+class JointFunction : public torch::autograd::Function<JointFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const at::Tensor& target, bool from_logits, int64_t ignore_index,
+                               bool validate) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("dmi_ext::joint", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, bool, int64_t, bool)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [sums, counts] = op.call(input, target, from_logits, ignore_index, validate);
+    ctx->save_for_backward({input, target});
+    ctx->saved_data["from_logits"] = from_logits;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->mark_non_differentiable({counts});
+    return {sums, counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad_input;
+    if (grads[0].defined()) {
+      const at::Tensor one = at::ones({}, grads[0].options());
+      grad_input = call_dmi_backward(one, saved[0], saved[1], grads[0].to(at::kDouble),
+                                     ctx->saved_data["from_logits"].toBool(),
+                                     ctx->saved_data["ignore_index"].toInt(), kReductionSum);
+    }
+    return {grad_input, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// The backward op itself is not differentiable again; say so when someone tries.
+class BackwardFunction : public torch::autograd::Function<BackwardFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_loss,
+                            const at::Tensor& input, const at::Tensor& target,
+                            const at::Tensor& grad_table, bool from_logits,
+                            int64_t ignore_index, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_dmi_backward(grad_loss, input, target, grad_table, from_logits, ignore_index,
+                             reduction);
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "dmi_ext: double backward through dmi_loss (a gradient of its gradient, e.g. "
+                "create_graph=True followed by another backward) is not supported");
+  }
+};
+
+// U_g = s_g * sums_g, so dL_g/dsums_g = s_g * dL_g/dU_g: the grad table, scaled by the incoming
+// gradient of each matrix's loss.
+class LuLossFunction : public torch::autograd::Function<LuLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& sums,
+                               const at::Tensor& counts, bool normalize, double eps) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("dmi_ext::lu_loss", "")
+                               .typed<LossOutputs(const at::Tensor&, const at::Tensor&, bool,
+                                                  double)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, lad, singular, table] = op.call(sums, counts, normalize, eps);
+    ctx->save_for_backward({table});
+    ctx->mark_non_differentiable({lad, singular, table});
+    return {loss, lad, singular, table};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::Tensor grad_sums;
+    if (grads[0].defined()) {
+      const at::Tensor table = ctx->get_saved_variables()[0];
+      grad_sums = grads[0].unsqueeze(-1).unsqueeze(-1) * table;
+    }
+    return {grad_sums, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+LossOutputs lu_loss_autograd(const at::Tensor& sums, const at::Tensor& counts, bool normalize,
+                             double eps) {
+  auto out = LuLossFunction::apply(sums, counts, normalize, eps);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+LossOutputs dmi_autograd(const at::Tensor& input, const at::Tensor& target, bool from_logits,
+                         bool normalize, double eps, int64_t ignore_index, int64_t reduction,
+                         bool validate) {
+  auto out = DMIFunction::apply(input, target, from_logits, normalize, eps, ignore_index,
+                                reduction, validate);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor> joint_autograd(const at::Tensor& input,
+                                                  const at::Tensor& target, bool from_logits,
+                                                  int64_t ignore_index, bool validate) {
+  auto out = JointFunction::apply(input, target, from_logits, ignore_index, validate);
+  return {out[0], out[1]};
+}
+
+at::Tensor dmi_backward_autograd(const at::Tensor& grad_loss, const at::Tensor& input,
+                                 const at::Tensor& target, const at::Tensor& grad_table,
+                                 bool from_logits, int64_t ignore_index, int64_t reduction) {
+  return BackwardFunction::apply(grad_loss, input, target, grad_table, from_logits, ignore_index,
+                                 reduction);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dmi_ext, m) {
+  m.def(
+      "joint(Tensor input, Tensor target, bool from_logits, int ignore_index, bool validate)"
+      " -> (Tensor sums, Tensor counts)");
+  m.def(
+      "lu_loss(Tensor sums, Tensor counts, bool normalize, float eps)"
+      " -> (Tensor loss, Tensor logabsdet, Tensor singular, Tensor grad_table)");
+  m.def(
+      "dmi(Tensor input, Tensor target, bool from_logits, bool normalize, float eps,"
+      " int ignore_index, int reduction, bool validate)"
+      " -> (Tensor loss, Tensor logabsdet, Tensor singular, Tensor grad_table)");
+  m.def(
+      "dmi_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor grad_table,"
+      " bool from_logits, int ignore_index, int reduction) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dmi_ext, Autograd, m) {
+  m.impl("dmi", &dmi_autograd);
+  m.impl("joint", &joint_autograd);
+  m.impl("lu_loss", &lu_loss_autograd);
+  m.impl("dmi_backward", &dmi_backward_autograd);
+}
+
+}  // namespace dmi_ext

@@ -1,0 +1,15 @@
+// The Python module dmi_ext._C: importing it loads the op library (the TORCH_LIBRARY blocks run
+// at load time) and tells Python how it was built.
+#include <torch/extension.h>
+
+#include "dmi.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dmi_ext op library: registers torch.ops.dmi_ext.*";
+  m.attr("fused_max_classes") = dmi_ext::kFusedMaxClasses;
+#ifdef DMI_EXT_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

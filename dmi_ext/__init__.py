@@ -1,0 +1,17 @@
+"""dmi_ext: a fast, exact and safe L_DMI loss for PyTorch.
+
+L_DMI = -log|det U|, U the joint matrix of a classifier's predictions and (noisy) labels, is
+robust to any invertible label-noise transition (Xu et al., NeurIPS 2019). This package computes
+it with one fused C++/CUDA op: softmax and the joint-matrix accumulation in one pass, a float64
+LU for log|det U|, and a handwritten backward. ``dmi_ext.reference`` is the same maths in plain
+torch, for tests.
+"""
+
+from . import reference
+from ._ops import FUSED_MAX_CLASSES, WITH_CUDA
+from .functional import DMIInfo, dmi_loss, joint_matrix
+from .loss import DMILoss
+
+__all__ = ["dmi_loss", "joint_matrix", "DMILoss", "DMIInfo", "reference", "FUSED_MAX_CLASSES",
+           "WITH_CUDA"]
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""The public functional API: ``dmi_loss`` and ``joint_matrix`` (SPEC §1).
+
+Thin wrappers over ``torch.ops.dmi_ext``: they translate keywords into the op's arguments and
+shape the results; all maths, checks and gradients live in the compiled op.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._ops import ops
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+class DMIInfo(NamedTuple):
+    """Per-matrix diagnostics of a DMI loss call (shape () for one matrix, else (G,))."""
+
+    logabsdet: Tensor  # log|det U|, -inf where U is singular
+    singular: Tensor  # bool: U had an exactly zero pivot (e.g. a label class absent)
+
+
+def _reduction_code(reduction: str) -> int:
+    try:
+        return _REDUCTIONS[reduction]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"dmi_ext: argument 'reduction' must be 'mean', 'sum' or 'none', got {reduction!r}"
+        ) from None
+
+
+def dmi_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    from_logits: bool = True,
+    normalize: bool = True,
+    eps: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    validate: bool = True,
+    return_info: bool = False,
+):
+    """L_DMI = -log(|det U| + eps), U the C x C joint matrix of predictions and labels.
+
+    input: logits (or probabilities if ``from_logits=False``) of shape (N, C) or (B, N, C).
+    target: int64/int32 labels of shape (N,), (B, N) with a (B, N, C) input, or (M, N) for M
+    label sources over one (N, C) input. Labels equal to ``ignore_index`` are left out.
+    normalize: U = (1/n) sum (the paper's U); ``normalize=False, eps=1e-3`` is the official
+    code's ``-log(|det(onehot^T softmax)| + 0.001)``. reduction over matrices: 'mean' | 'sum' |
+    'none'. validate: check labels (and probabilities) and raise on bad values; with
+    ``validate=False`` a bad label makes its matrix's loss NaN instead. ``return_info=True``
+    returns ``(loss, DMIInfo)`` with log|det U| and the singular flag per matrix.
+    """
+    loss, logabsdet, singular, _ = ops.dmi.default(
+        input, target, from_logits, normalize, float(eps), ignore_index,
+        _reduction_code(reduction), validate)
+    if return_info:
+        return loss, DMIInfo(logabsdet, singular)
+    return loss
+
+
+def joint_matrix(
+    input: Tensor,
+    target: Tensor,
+    *,
+    from_logits: bool = True,
+    normalize: bool = True,
+    ignore_index: int = -100,
+    validate: bool = True,
+) -> Tensor:
+    """The joint matrix U (row = label, column = prediction) in float64, differentiable.
+
+    Shape (C, C) for one matrix, else (G, C, C). With ``normalize`` each U is divided by its
+    number of kept rows (a matrix with no kept rows is all zero).
+    """
+    sums, counts = ops.joint.default(input, target, from_logits, ignore_index, validate)
+    if not normalize:
+        return sums
+    return sums / counts.clamp(min=1).to(sums.dtype)[..., None, None]

@@ -1,0 +1,42 @@
+"""The maths of SPEC §3-5 in plain torch, float64: the definition the kernels are tested against.
+
+Slow on purpose (one-hot, matmul, slogdet, autograd), and short enough to read at a glance.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def joint_matrix(input: Tensor, target: Tensor, *, from_logits: bool = True,
+                 normalize: bool = True, ignore_index: int = -100) -> Tensor:
+    P = input.double().softmax(-1) if from_logits else input.double()
+    kept = target != ignore_index
+    onehot = F.one_hot(torch.where(kept, target, 0).long(), P.shape[-1]).double()
+    U = (onehot * kept[..., None]).mT @ P  # (.., C, N) @ (.., N, C): row = label, col = prediction
+    if normalize:
+        U = U / kept.sum(-1).clamp(min=1)[..., None, None]
+    return U
+
+
+def dmi_loss(input: Tensor, target: Tensor, *, from_logits: bool = True, normalize: bool = True,
+             eps: float = 0.0, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    U = joint_matrix(input, target, from_logits=from_logits, normalize=normalize,
+                     ignore_index=ignore_index)
+    singular = torch.linalg.lu_factor_ex(U).info > 0  # an exactly zero pivot
+    safe = torch.where(singular[..., None, None], torch.eye(U.shape[-1], dtype=U.dtype), U)
+    logabsdet = torch.where(singular, -math.inf, torch.linalg.slogdet(safe).logabsdet)
+    loss = -torch.logaddexp(logabsdet, torch.tensor(math.log(eps) if eps > 0 else -math.inf,
+                                                    dtype=U.dtype))
+    return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
+
+
+class DMILoss(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return dmi_loss(input, target, **self.kwargs)
