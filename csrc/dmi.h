@@ -44,9 +44,13 @@ void check_joint(const at::Tensor& sums, const at::Tensor& counts);
 void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad_table, const Layout& layout,
                     int64_t reduction);
 
-// input as (slices, N, C) and target as (matrices, N): views, no copies.
-at::Tensor input_3d(const at::Tensor& input);
-at::Tensor target_2d(const at::Tensor& target, const Layout& layout);
+// Element strides of input read as (slices, N, C) and of target read as (matrices, N); a
+// dimension the tensor lacks has stride 0. Kernels index raw pointers with these (no views).
+struct Strides {
+  int64_t input_slice, input_row, input_class;
+  int64_t target_matrix, target_row;
+};
+Strides strides_of(const at::Tensor& input, const at::Tensor& target, const Layout& layout);
 
 // The dtype of the loss and log|det| outputs: float32 for 16-bit inputs, else the input's dtype.
 at::ScalarType loss_dtype(at::ScalarType input_dtype);

@@ -125,12 +125,14 @@ void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad_table, c
                     "dmi_ext: arguments 'grad_loss' and 'grad_table' must be on the same device");
 }
 
-at::Tensor input_3d(const at::Tensor& input) {
-  return input.dim() == 2 ? input.unsqueeze(0) : input;
-}
-
-at::Tensor target_2d(const at::Tensor& target, const Layout& layout) {
-  return layout.single ? target.unsqueeze(0) : target;
+Strides strides_of(const at::Tensor& input, const at::Tensor& target, const Layout& layout) {
+  Strides s;
+  s.input_slice = input.dim() == 3 ? input.stride(0) : 0;
+  s.input_row = input.stride(-2);
+  s.input_class = input.stride(-1);
+  s.target_matrix = layout.single ? 0 : target.stride(0);
+  s.target_row = target.stride(-1);
+  return s;
 }
 
 at::ScalarType loss_dtype(at::ScalarType input_dtype) {
@@ -147,7 +149,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The backward op, typed once; called from the autograd kernels below.
+// The backward op, typed once; called from the autograd kernels below. Outside create_graph it
+// skips its own autograd kernel (the double-backward guard), which would only add overhead.
 at::Tensor call_dmi_backward(const at::Tensor& grad_loss, const at::Tensor& input,
                              const at::Tensor& target, const at::Tensor& grad_table,
                              bool from_logits, int64_t ignore_index, int64_t reduction) {
@@ -156,6 +159,10 @@ at::Tensor call_dmi_backward(const at::Tensor& grad_loss, const at::Tensor& inpu
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                                const at::Tensor&, const at::Tensor&, bool,
                                                int64_t, int64_t)>();
+  if (!at::GradMode::is_enabled()) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction);
+  }
   return op.call(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction);
 }
 
@@ -179,6 +186,7 @@ class DMIFunction : public torch::autograd::Function<DMIFunction> {
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = reduction;
     ctx->mark_non_differentiable({lad, singular, table});
+    ctx->set_materialize_grads(false);  // no zero tensors for the non-differentiable outputs
     return {loss, lad, singular, table};
   }
 
@@ -213,6 +221,7 @@ class JointFunction : public torch::autograd::Function<JointFunction> {
     ctx->saved_data["from_logits"] = from_logits;
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->mark_non_differentiable({counts});
+    ctx->set_materialize_grads(false);
     return {sums, counts};
   }
 
@@ -261,6 +270,7 @@ class LuLossFunction : public torch::autograd::Function<LuLossFunction> {
     auto [loss, lad, singular, table] = op.call(sums, counts, normalize, eps);
     ctx->save_for_backward({table});
     ctx->mark_non_differentiable({lad, singular, table});
+    ctx->set_materialize_grads(false);
     return {loss, lad, singular, table};
   }
 

@@ -267,3 +267,20 @@ def test_double_backward_raises_clearly(device):
     (g,) = torch.autograd.grad(dmi_ext.dmi_loss(x, y), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_of_very_different_scale(device, dtype):
+    """Logit rows far above their neighbours (the kernel shifts a whole tile by one max) and -inf
+    entries (masked classes) still give the per-row softmax."""
+    x, y = make_case("sources", 300, 6, dtype=dtype, device=device)
+    x[::7] += 300.0  # every 7th row sits 300 above the rest of its tile
+    x[5::11, 2] = float("-inf")  # some classes masked out
+    assert_matches_reference(x, y, rtol=2e-5 if dtype == torch.float32 else 1e-9, reduction="none")
+
+
+def test_positive_inf_logit_gives_nan_like_softmax(device):
+    x, y = make_case("batched", 30, 4, dtype=torch.float32, device=device)
+    x[2, 3, 1] = float("inf")  # torch.softmax of this row is NaN
+    loss = dmi_ext.dmi_loss(x, y, reduction="none")
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()

@@ -1,6 +1,13 @@
 // Stage 3 on the CPU: one pass over the rows that reads input and target once and writes the
-// gradient once (SPEC §4). Row i gets sum over its matrices g of scale_g * grad_table[g][t_gi],
-// then, from logits, the softmax backward p * (g - <g, p>) with p recomputed from the logits.
+// gradient once (SPEC §4). Row i gets g_i = sum over its matrices g of scale_g *
+// grad_table[g][t_gi], then, from logits, the softmax backward p * (g - <g, p>) with p recomputed
+// from the logits.
+//
+// For 16- and 32-bit inputs (float arithmetic) each task first converts the scaled grad tables
+// it needs into float rows padded to a multiple of 8, plus a zero row (ignored labels) and a NaN
+// row (labels out of range: their matrix was poisoned in the forward). A row's g_i is then a
+// pointer into that table (one label source) or a short vector sum (several), with no per-row
+// float64 conversion.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -8,81 +15,149 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../dmi.h"
 #include "../dmi_math.h"
 #include "softmax_cpu.h"
 #include "tiles_cpu.h"
-#include "vectorize.h"
 
 namespace dmi_ext::cpu {
 namespace {
 
-constexpr int64_t kGrainElements = 16384;
+// The inputs every backward task reads, unpacked once.
+template <typename scalar_t, typename index_t>
+struct BackwardArgs {
+  const scalar_t* x;
+  const index_t* t;
+  const double* table;
+  const double* scales;
+  Strides st;
+  Layout L;
+  bool from_logits;
+  int64_t ignore_index;
+  scalar_t* out;
+};
 
-// g[i, :] += scale * table[label[i], :] for kept rows; rows with a label out of range get NaN
-// (their matrix's table is NaN too: the forward poisoned it).
-template <typename acc_t>
-inline void gather_rows_impl(acc_t* g, const double* table, const int64_t* label, double scale,
-                             int64_t rows, int64_t C) {
-  for (int64_t i = 0; i < rows; ++i) {
-    acc_t* gr = g + i * C;
-    if (label[i] == kOutOfRangeLabel) {
-      for (int64_t k = 0; k < C; ++k) gr[k] = std::numeric_limits<acc_t>::quiet_NaN();
-      continue;
-    }
-    if (label[i] < 0) continue;
-    const double* tr = table + label[i] * C;
-    for (int64_t k = 0; k < C; ++k) gr[k] += static_cast<acc_t>(scale * tr[k]);
+// Logit rows in the accumulation type and packed are read in place; others are converted.
+template <typename scalar_t, typename acc_t>
+const acc_t* logit_rows(const scalar_t* rows, const Strides& st, int64_t nr, int64_t C,
+                        acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (st.input_class == 1 && st.input_row == C) return rows;
   }
-}
-DMI_CPU_CLONES void gather_rows(float* g, const double* table, const int64_t* label, double scale,
-                                int64_t rows, int64_t C) {
-  gather_rows_impl(g, table, label, scale, rows, C);
-}
-DMI_CPU_CLONES void gather_rows(double* g, const double* table, const int64_t* label,
-                                double scale, int64_t rows, int64_t C) {
-  gather_rows_impl(g, table, label, scale, rows, C);
+  load_rows(buffer, rows, st.input_row, st.input_class, nr, C);
+  return buffer;
 }
 
 template <typename scalar_t, typename index_t>
-void backward_kernel(const std::vector<double>& scales, const at::Tensor& input,
-                     const at::Tensor& target, const at::Tensor& grad_table, bool from_logits,
-                     int64_t ignore_index, const Layout& L, at::Tensor& grad_input) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor x = input_3d(input);
-  const at::Tensor t = target_2d(target, L);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const index_t* tp = t.const_data_ptr<index_t>();
-  const double* table = grad_table.const_data_ptr<double>();
-  scalar_t* out = grad_input.data_ptr<scalar_t>();
-  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
-  const int64_t ts0 = t.stride(0), ts1 = t.stride(1);
-  const int64_t M = L.sources, N = L.rows, C = L.classes, CC = C * C;
-
+void backward_float(const BackwardArgs<scalar_t, index_t>& a) {
+  const int64_t M = a.L.sources, N = a.L.rows, C = a.L.classes, CC = C * C;
+  const int64_t CP = (C + 7) / 8 * 8;          // padded row of a float table
+  const int64_t table_rows = C + 2;            // C labels, the zero row, the NaN row
+  const int64_t zero_row = C, nan_row = C + 1;
+  // Float output in packed rows is written in place; other dtypes go through a float tile.
+  constexpr bool float_out = std::is_same_v<scalar_t, float>;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (C * M));
-  // Rows of all slices, flattened; each task writes its own rows only (no reduction).
-  at::parallel_for(0, L.slices * N, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.L.slices * N, grain, [&](int64_t begin, int64_t end) {
     const int64_t TR = tile_rows(C);
-    std::vector<acc_t> g(TR * C), p(from_logits ? TR * C : 0);
+    std::vector<float> tables(M * table_rows * CP);
+    std::vector<float> gsum(M > 1 ? TR * CP : 0);
+    std::vector<const float*> grow(TR);
+    std::vector<float> loaded(a.from_logits ? TR * C + kTileSlack : 0);
+    std::vector<float> e(a.from_logits ? TR * C + kTileSlack : 0);
+    std::vector<float> rinv(a.from_logits ? TR + kTileSlack : 0);
+    std::vector<float> out_tile(float_out ? 0 : TR * C);
+    std::vector<int64_t> labels(TR);
+    int64_t tables_slice = -1;
+    for (int64_t flat = begin; flat < end;) {
+      const int64_t s = flat / N, r = flat % N;
+      const int64_t nr = std::min({TR, end - flat, N - r});
+      if (s != tables_slice) {  // the scaled tables of this slice's matrices, as float rows
+        for (int64_t j = 0; j < M; ++j) {
+          const int64_t gi = s * M + j;
+          float* tf = tables.data() + j * table_rows * CP;
+          std::fill(tf, tf + table_rows * CP, 0.0f);
+          for (int64_t row = 0; row < C; ++row)
+            for (int64_t k = 0; k < C; ++k)
+              tf[row * CP + k] = static_cast<float>(a.scales[gi] * a.table[gi * CC + row * C + k]);
+          std::fill(tf + nan_row * CP, tf + nan_row * CP + C, std::numeric_limits<float>::quiet_NaN());
+        }
+        tables_slice = s;
+      }
+      for (int64_t j = 0; j < M; ++j) {
+        const int64_t gi = s * M + j;
+        read_labels(labels.data(), a.t + gi * a.st.target_matrix + r * a.st.target_row,
+                    a.st.target_row, nr, C, a.ignore_index);
+        const float* tf = tables.data() + j * table_rows * CP;
+        for (int64_t i = 0; i < nr; ++i) {
+          const int64_t row = labels[i] >= 0                          ? labels[i]
+                              : labels[i] == kOutOfRangeLabel ? nan_row
+                                                                      : zero_row;
+          if (M == 1) {
+            grow[i] = tf + row * CP;
+          } else {
+            float* g = gsum.data() + i * CP;
+            if (j == 0) std::fill(g, g + CP, 0.0f);
+            for (int64_t k = 0; k < CP; ++k) g[k] += tf[row * CP + k];
+            grow[i] = g;
+          }
+        }
+      }
+      float* o;
+      if constexpr (float_out) {
+        o = a.out + flat * C;
+      } else {
+        o = out_tile.data();
+      }
+      if (a.from_logits) {
+        const float* x = logit_rows(a.x + s * a.st.input_slice + r * a.st.input_row, a.st, nr, C,
+                                    loaded.data());
+        softmax_rows(x, e.data(), rinv.data(), nr, C);
+        softmax_backward_rows(o, grow.data(), e.data(), rinv.data(), nr, C);
+      } else {
+        for (int64_t i = 0; i < nr; ++i) std::copy(grow[i], grow[i] + C, o + i * C);
+      }
+      if constexpr (!float_out) {
+        scalar_t* dst = a.out + flat * C;
+        for (int64_t q = 0; q < nr * C; ++q) dst[q] = static_cast<scalar_t>(o[q]);
+      }
+      flat += nr;
+    }
+  });
+}
+
+template <typename index_t>
+void backward_double(const BackwardArgs<double, index_t>& a) {
+  const int64_t M = a.L.sources, N = a.L.rows, C = a.L.classes, CC = C * C;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (C * M));
+  at::parallel_for(0, a.L.slices * N, grain, [&](int64_t begin, int64_t end) {
+    const int64_t TR = tile_rows(C);
+    std::vector<double> g(TR * C), loaded(TR * C), e(TR * C), rinv(TR);
     std::vector<int64_t> labels(TR);
     for (int64_t flat = begin; flat < end;) {
       const int64_t s = flat / N, r = flat % N;
       const int64_t nr = std::min({TR, end - flat, N - r});
-      std::fill(g.begin(), g.begin() + nr * C, acc_t(0));
+      std::fill(g.begin(), g.begin() + nr * C, 0.0);
       for (int64_t j = 0; j < M; ++j) {
         const int64_t gi = s * M + j;
-        read_labels(labels.data(), tp + gi * ts0 + r * ts1, ts1, nr, C, ignore_index);
-        gather_rows(g.data(), table + gi * CC, labels.data(), scales[gi], nr, C);
+        read_labels(labels.data(), a.t + gi * a.st.target_matrix + r * a.st.target_row,
+                    a.st.target_row, nr, C, a.ignore_index);
+        gather_rows(g.data(), a.table + gi * CC, labels.data(), a.scales[gi], nr, C);
+        for (int64_t i = 0; i < nr; ++i) {
+          if (labels[i] == kOutOfRangeLabel)  // its matrix was poisoned in the forward
+            std::fill(g.begin() + i * C, g.begin() + (i + 1) * C,
+                      std::numeric_limits<double>::quiet_NaN());
+        }
       }
-      if (from_logits) {
-        load_rows(p.data(), xp + s * xs0 + r * xs1, xs1, xs2, nr, C);
-        softmax_rows(p.data(), nr, C);
-        softmax_backward_rows(g.data(), p.data(), nr, C);
+      if (a.from_logits) {
+        const double* x = logit_rows(a.x + s * a.st.input_slice + r * a.st.input_row, a.st, nr,
+                                     C, loaded.data());
+        softmax_rows(x, e.data(), rinv.data(), nr, C);
+        softmax_backward_rows(g.data(), e.data(), rinv.data(), nr, C);
       }
-      scalar_t* o = out + flat * C;
-      for (int64_t e = 0; e < nr * C; ++e) o[e] = static_cast<scalar_t>(g[e]);
+      std::copy(g.begin(), g.begin() + nr * C, a.out + flat * C);
       flat += nr;
     }
   });
@@ -96,21 +171,35 @@ at::Tensor dmi_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
   check_backward(grad_loss, grad_table, L, reduction);
   const int64_t G = L.matrices();
   std::vector<double> scales(G);
-  const at::Tensor go = grad_loss.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "dmi_ext_grad_scale", [&] {
+  AT_DISPATCH_FLOATING_TYPES(grad_loss.scalar_type(), "dmi_ext_grad_scale", [&] {
+    const at::Tensor go = grad_loss.numel() == 1 ? grad_loss : grad_loss.contiguous();
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
     for (int64_t g = 0; g < G; ++g) scales[g] = grad_scale(gp, g, G, reduction);
   });
-  const at::Tensor table = grad_table.contiguous();
-  at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor table = grad_table.is_contiguous() ? grad_table : grad_table.contiguous();
+  at::Tensor grad_input =
+      at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  const Strides st = strides_of(input, target, L);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "dmi_ext_backward_cpu", [&] {
+        auto run = [&](auto index_tag) {
+          using index_t = decltype(index_tag);
+          const BackwardArgs<scalar_t, index_t> args{
+              input.const_data_ptr<scalar_t>(), target.const_data_ptr<index_t>(),
+              table.const_data_ptr<double>(),   scales.data(),
+              st,                               L,
+              from_logits,                      ignore_index,
+              grad_input.data_ptr<scalar_t>()};
+          if constexpr (std::is_same_v<scalar_t, double>) {
+            backward_double(args);
+          } else {
+            backward_float(args);
+          }
+        };
         if (target.scalar_type() == at::kLong) {
-          backward_kernel<scalar_t, int64_t>(scales, input, target, table, from_logits,
-                                             ignore_index, L, grad_input);
+          run(int64_t{});
         } else {
-          backward_kernel<scalar_t, int32_t>(scales, input, target, table, from_logits,
-                                             ignore_index, L, grad_input);
+          run(int32_t{});
         }
       });
   return grad_input;

@@ -1,7 +1,10 @@
 // The fused forward on the CPU: joint accumulation then the LU stage in one op call, the loss
 // reduced and cast. Nothing of size N x C is formed; what the backward needs is the grad table.
+// Intermediates live in plain buffers: at N = 128 a tensor allocation costs as much as the maths.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "../dmi.h"
 #include "joint_cpu.h"
@@ -10,6 +13,12 @@
 namespace dmi_ext::cpu {
 namespace {
 
+template <typename T>
+void write_as(const at::Tensor& out, const double* values, int64_t n) {
+  T* o = out.data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(values[i]);
+}
+
 LossOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from_logits,
                     bool normalize, double eps, int64_t ignore_index, int64_t reduction,
                     bool validate) {
@@ -17,30 +26,38 @@ LossOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from
   check_eps(eps);
   check_reduction(reduction);
   const int64_t G = L.matrices(), C = L.classes;
-  const auto f64 = input.options().dtype(at::kDouble);
-  at::Tensor sums = at::zeros({G, C, C}, f64);
-  at::Tensor counts = at::zeros({G}, input.options().dtype(at::kLong));
-  joint_accumulate(input, target, L, from_logits, ignore_index, validate, sums, counts);
+  std::vector<double> sums(G * C * C, 0.0);
+  std::vector<int64_t> counts(G, 0);
+  joint_accumulate(input, target, L, from_logits, ignore_index, validate, sums.data(),
+                   counts.data());
 
-  at::Tensor loss = at::empty({G}, f64);
-  at::Tensor lad = at::empty({G}, f64);
-  at::Tensor singular = at::empty({G}, input.options().dtype(at::kBool));
-  at::Tensor table = at::empty({G, C, C}, f64);
-  lu_loss_all(sums, counts, normalize, eps, loss, lad, singular, table);
+  std::vector<double> loss(G), lad(G);
+  const auto opts = input.options();
+  const std::vector<int64_t> mshape = matrix_shape(L);
+  at::Tensor singular = at::empty(mshape, opts.dtype(at::kBool));
+  at::Tensor table = at::empty({G, C, C}, opts.dtype(at::kDouble));
+  lu_loss_all(sums.data(), counts.data(), G, C, normalize, eps, loss.data(), lad.data(),
+              singular.data_ptr<bool>(), table.data_ptr<double>());
 
   const at::ScalarType dtype = loss_dtype(input.scalar_type());
-  const std::vector<int64_t> mshape = matrix_shape(L);
-  at::Tensor out;
+  at::Tensor out_lad = at::empty(mshape, opts.dtype(dtype));
+  at::Tensor out_loss;
   if (reduction == kReductionNone) {
-    out = loss.to(dtype).view(mshape);
+    out_loss = at::empty(mshape, opts.dtype(dtype));
   } else {
-    const double* lp = loss.const_data_ptr<double>();
     double total = 0.0;
-    for (int64_t g = 0; g < G; ++g) total += lp[g];  // fixed order: bitwise reproducible
-    if (reduction == kReductionMean) total /= static_cast<double>(G);
-    out = at::scalar_tensor(total, input.options().dtype(dtype));
+    for (int64_t g = 0; g < G; ++g) total += loss[g];  // fixed order: bitwise reproducible
+    loss[0] = reduction == kReductionMean ? total / static_cast<double>(G) : total;
+    out_loss = at::empty({}, opts.dtype(dtype));
   }
-  return {out, lad.to(dtype).view(mshape), singular.view(mshape), table};
+  if (dtype == at::kDouble) {
+    write_as<double>(out_loss, loss.data(), out_loss.numel());
+    write_as<double>(out_lad, lad.data(), G);
+  } else {
+    write_as<float>(out_loss, loss.data(), out_loss.numel());
+    write_as<float>(out_lad, lad.data(), G);
+  }
+  return {out_loss, out_lad, singular, table};
 }
 
 }  // namespace

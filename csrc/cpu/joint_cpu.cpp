@@ -8,37 +8,14 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "softmax_cpu.h"
 #include "tiles_cpu.h"
-#include "vectorize.h"
 
 namespace dmi_ext::cpu {
 namespace {
-
-// Elements of input a task should have before another thread is worth waking.
-constexpr int64_t kGrainElements = 16384;
-
-// U[label[i], :] += p[i, :] for kept rows, in float64 so the error does not grow with N.
-template <typename acc_t>
-inline void accumulate_rows_impl(double* U, const acc_t* p, const int64_t* label, int64_t rows,
-                                 int64_t C) {
-  for (int64_t i = 0; i < rows; ++i) {
-    if (label[i] < 0) continue;
-    double* u = U + label[i] * C;
-    const acc_t* pr = p + i * C;
-    for (int64_t k = 0; k < C; ++k) u[k] += static_cast<double>(pr[k]);
-  }
-}
-DMI_CPU_CLONES void accumulate_rows(double* U, const float* p, const int64_t* label, int64_t rows,
-                                    int64_t C) {
-  accumulate_rows_impl(U, p, label, rows, C);
-}
-DMI_CPU_CLONES void accumulate_rows(double* U, const double* p, const int64_t* label,
-                                    int64_t rows, int64_t C) {
-  accumulate_rows_impl(U, p, label, rows, C);
-}
 
 // Row chunks per input slice. Slices are independent, so chunking only pays while there are
 // fewer slices than threads, the chunk has enough work, and its partial C x C matrices stay small
@@ -62,13 +39,14 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
                   bool from_logits, int64_t ignore_index, bool validate, double* sums,
                   int64_t* counts) {
   using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor x = input_3d(input);
-  const at::Tensor t = target_2d(target, L);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const index_t* tp = t.const_data_ptr<index_t>();
-  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
-  const int64_t ts0 = t.stride(0), ts1 = t.stride(1);
+  const Strides st = strides_of(input, target, L);
+  const scalar_t* xp = input.const_data_ptr<scalar_t>();
+  const index_t* tp = target.const_data_ptr<index_t>();
   const int64_t S = L.slices, M = L.sources, N = L.rows, C = L.classes, CC = C * C;
+  // Logit rows already in the accumulation type and packed are read in place, not copied
+  // (probability rows are copied: the accumulation reads a little past each row's end).
+  const bool read_in_place = from_logits && std::is_same_v<scalar_t, acc_t> &&
+                             st.input_class == 1 && st.input_row == C;
   // Tolerance on a probability row's sum: loose enough for a float16 softmax, tight enough to
   // catch logits passed with from_logits=False.
   const double prob_tol = sizeof(scalar_t) == 2 ? 1e-2 : 1e-3;
@@ -76,33 +54,45 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
   const int64_t K = chunks_per_slice(L, at::get_num_threads());
   // Partials of different tasks start on separate cache lines (no false sharing).
   const int64_t part_stride = (M * CC + 7) / 8 * 8;
-  at::Tensor partial = K > 1 ? at::zeros({S * K * part_stride}, x.options().dtype(at::kDouble))
-                             : at::Tensor();
+  std::vector<double> partial(K > 1 ? S * K * part_stride : 0);
   std::vector<int64_t> part_counts(K > 1 ? S * K * M : 0);
 
   const int64_t tasks = S * K;
   const int64_t grain = K > 1 ? 1 : std::max<int64_t>(1, kGrainElements / (N * C * M));
   at::parallel_for(0, tasks, grain, [&](int64_t task_begin, int64_t task_end) {
     const int64_t TR = tile_rows(C);
-    std::vector<acc_t> tile(TR * C);
+    std::vector<acc_t> loaded(read_in_place ? 0 : TR * C + kTileSlack);
+    std::vector<acc_t> probs(from_logits ? TR * C + kTileSlack : 0);
+    std::vector<acc_t> rinv(from_logits ? TR + kTileSlack : 0);
     std::vector<int64_t> labels(TR);
     std::vector<int64_t> kept(M);
     std::vector<char> invalid(M);
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t s = task / K, k = task % K;
       const int64_t r0 = N * k / K, r1 = N * (k + 1) / K;
-      double* dst = K > 1 ? partial.data_ptr<double>() + task * part_stride : sums + s * M * CC;
+      double* dst = K > 1 ? partial.data() + task * part_stride : sums + s * M * CC;
       std::fill(kept.begin(), kept.end(), 0);
       std::fill(invalid.begin(), invalid.end(), 0);
       for (int64_t r = r0; r < r1; r += TR) {
         const int64_t nr = std::min(TR, r1 - r);
-        load_rows(tile.data(), xp + s * xs0 + r * xs1, xs1, xs2, nr, C);
+        const scalar_t* rows = xp + s * st.input_slice + r * st.input_row;
+        const acc_t* x = nullptr;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (read_in_place) x = rows;
+        }
+        if (!read_in_place) {
+          load_rows(loaded.data(), rows, st.input_row, st.input_class, nr, C);
+          x = loaded.data();
+        }
+        const acc_t* p = x;
+        const acc_t* p_scale = nullptr;  // row i of P is p[i, :] * p_scale[i]
         if (from_logits) {
-          softmax_rows(tile.data(), nr, C);
+          softmax_rows(x, probs.data(), rinv.data(), nr, C);
+          p = probs.data();
+          p_scale = rinv.data();
         } else if (validate) {
           double bad_sum = 0, bad_min = 0;
-          const int64_t bad =
-              first_non_probability_row(tile.data(), nr, C, prob_tol, &bad_sum, &bad_min);
+          const int64_t bad = first_non_probability_row(p, nr, C, prob_tol, &bad_sum, &bad_min);
           TORCH_CHECK_VALUE(bad < 0, "dmi_ext: argument 'input' is not a probability vector at row ",
                             r + bad, (S > 1 ? " of slice " + std::to_string(s) : std::string()),
                             " (sum ", bad_sum, ", min ", bad_min,
@@ -111,33 +101,38 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
         }
         for (int64_t j = 0; j < M; ++j) {
           const int64_t g = s * M + j;
-          kept[j] += read_labels(labels.data(), tp + g * ts0 + r * ts1, ts1, nr, C, ignore_index);
+          const index_t* tg = tp + g * st.target_matrix + r * st.target_row;
+          kept[j] += read_labels(labels.data(), tg, st.target_row, nr, C, ignore_index);
           for (int64_t i = 0; i < nr; ++i) {
             if (labels[i] != kOutOfRangeLabel) continue;
             TORCH_CHECK_INDEX(!validate, "dmi_ext: argument 'target' holds the label ",
-                              static_cast<int64_t>(tp[g * ts0 + (r + i) * ts1]), " at ",
+                              static_cast<int64_t>(tg[i * st.target_row]), " at ",
                               label_position(L, g, r + i), ", outside [0, ", C,
                               ") and not ignore_index (", ignore_index, ")");
             invalid[j] = 1;
           }
-          accumulate_rows(dst + j * CC, tile.data(), labels.data(), nr, C);
+          accumulate_rows(dst + j * CC, p, p_scale, labels.data(), nr, C);
         }
       }
       for (int64_t j = 0; j < M; ++j) {
         // Without validation a bad label poisons its matrix: NaN loss, never silent garbage.
-        if (invalid[j]) std::fill(dst + j * CC, dst + (j + 1) * CC, std::numeric_limits<double>::quiet_NaN());
-        if (K > 1) part_counts[task * M + j] = kept[j];
-        else counts[s * M + j] = kept[j];
+        if (invalid[j]) {
+          std::fill(dst + j * CC, dst + (j + 1) * CC, std::numeric_limits<double>::quiet_NaN());
+        }
+        if (K > 1) {
+          part_counts[task * M + j] = kept[j];
+        } else {
+          counts[s * M + j] = kept[j];
+        }
       }
     }
   });
 
   if (K > 1) {  // combine the partials of each slice in chunk order: a fixed summation order
-    const double* part = partial.const_data_ptr<double>();
     for (int64_t s = 0; s < S; ++s) {
+      double* dst = sums + s * M * CC;
       for (int64_t k = 0; k < K; ++k) {
-        const double* src = part + (s * K + k) * part_stride;
-        double* dst = sums + s * M * CC;
+        const double* src = partial.data() + (s * K + k) * part_stride;
         for (int64_t e = 0; e < M * CC; ++e) dst[e] += src[e];
         for (int64_t j = 0; j < M; ++j) counts[s * M + j] += part_counts[(s * K + k) * M + j];
       }
@@ -148,18 +143,16 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
 }  // namespace
 
 void joint_accumulate(const at::Tensor& input, const at::Tensor& target, const Layout& layout,
-                      bool from_logits, int64_t ignore_index, bool validate, at::Tensor& sums,
-                      at::Tensor& counts) {
+                      bool from_logits, int64_t ignore_index, bool validate, double* sums,
+                      int64_t* counts) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "dmi_ext_joint_cpu", [&] {
         if (target.scalar_type() == at::kLong) {
           joint_kernel<scalar_t, int64_t>(input, target, layout, from_logits, ignore_index,
-                                          validate, sums.data_ptr<double>(),
-                                          counts.data_ptr<int64_t>());
+                                          validate, sums, counts);
         } else {
           joint_kernel<scalar_t, int32_t>(input, target, layout, from_logits, ignore_index,
-                                          validate, sums.data_ptr<double>(),
-                                          counts.data_ptr<int64_t>());
+                                          validate, sums, counts);
         }
       });
 }
@@ -173,7 +166,8 @@ std::tuple<at::Tensor, at::Tensor> joint_cpu(const at::Tensor& input, const at::
   const int64_t G = L.matrices(), C = L.classes;
   at::Tensor sums = at::zeros({G, C, C}, input.options().dtype(at::kDouble));
   at::Tensor counts = at::zeros({G}, input.options().dtype(at::kLong));
-  joint_accumulate(input, target, L, from_logits, ignore_index, validate, sums, counts);
+  joint_accumulate(input, target, L, from_logits, ignore_index, validate,
+                   sums.data_ptr<double>(), counts.data_ptr<int64_t>());
   if (L.single) return {sums.squeeze(0), counts.squeeze(0)};
   return {sums, counts};
 }

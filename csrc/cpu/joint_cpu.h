@@ -7,12 +7,12 @@
 
 namespace dmi_ext::cpu {
 
-// sums: (G, C, C) float64 zeros, counts: (G,) int64 zeros, both contiguous; filled in place.
+// sums: G * C * C float64 zeros, counts: G int64 zeros (G = layout.matrices()), filled in place.
 // Softmax is fused when from_logits; no N x C intermediate is formed. Rows are split into per-task
 // partial matrices combined in a fixed order, so the result is bitwise reproducible for a given
 // thread count. A label outside [0, C) raises when validate, else fills its matrix with NaN.
 void joint_accumulate(const at::Tensor& input, const at::Tensor& target, const Layout& layout,
-                      bool from_logits, int64_t ignore_index, bool validate, at::Tensor& sums,
-                      at::Tensor& counts);
+                      bool from_logits, int64_t ignore_index, bool validate, double* sums,
+                      int64_t* counts);
 
 }  // namespace dmi_ext::cpu

@@ -125,24 +125,22 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
   });
 }
 
-void lu_loss_lapack(const at::Tensor& sums, const at::Tensor& counts, bool normalize,
-                    double log_eps, double* loss, double* logabsdet, bool* singular,
-                    at::Tensor& grad_table) {
-  const int64_t G = sums.size(0), C = sums.size(1);
-  const int64_t* cnt = counts.const_data_ptr<int64_t>();
+void lu_loss_lapack(const double* sums_ptr, const int64_t* counts, int64_t G, int64_t C,
+                    bool normalize, double log_eps, double* loss, double* logabsdet,
+                    bool* singular, double* table) {
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
   std::vector<double> scale(G);
-  for (int64_t g = 0; g < G; ++g) scale[g] = row_scale(cnt[g], normalize);
-  const at::Tensor s = at::tensor(scale, sums.options());
-  const at::Tensor A = sums * s.view({G, 1, 1});
+  for (int64_t g = 0; g < G; ++g) scale[g] = row_scale(counts[g], normalize);
+  const at::Tensor sums = at::from_blob(const_cast<double*>(sums_ptr), {G, C, C}, f64);
+  const at::Tensor A = sums * at::from_blob(scale.data(), {G, 1, 1}, f64);
   auto [LU, pivots, info] = at::linalg_lu_factor_ex(A, /*pivot=*/true, /*check_errors=*/false);
   const at::Tensor lad = LU.diagonal(0, -2, -1).abs().log().sum(-1).contiguous();
-  const at::Tensor eye = at::eye(C, sums.options()).expand({G, C, C});
+  const at::Tensor eye = at::eye(C, f64).expand({G, C, C});
   const at::Tensor inv_t =
       at::linalg_lu_solve(LU, pivots, eye, /*left=*/true, /*adjoint=*/true).contiguous();
   const int32_t* inf = info.const_data_ptr<int32_t>();
   const double* ladp = lad.const_data_ptr<double>();
   const double* invp = inv_t.const_data_ptr<double>();
-  double* table = grad_table.data_ptr<double>();
   const int64_t CC = C * C;
   for (int64_t g = 0; g < G; ++g) {
     const bool sing = inf[g] > 0;  // LAPACK: U(info, info) is exactly zero
@@ -157,18 +155,13 @@ void lu_loss_lapack(const at::Tensor& sums, const at::Tensor& counts, bool norma
 
 }  // namespace
 
-void lu_loss_all(const at::Tensor& sums, const at::Tensor& counts, bool normalize, double eps,
-                 at::Tensor& loss, at::Tensor& logabsdet, at::Tensor& singular,
-                 at::Tensor& grad_table) {
-  const int64_t G = sums.size(0), C = sums.size(1);
+void lu_loss_all(const double* sums, const int64_t* counts, int64_t G, int64_t C, bool normalize,
+                 double eps, double* loss, double* logabsdet, bool* singular, double* grad_table) {
   const double log_eps = log_eps_of(eps);
   if (C <= kFusedMaxClasses) {
-    lu_loss_small(sums.const_data_ptr<double>(), counts.const_data_ptr<int64_t>(), G, C,
-                  normalize, log_eps, loss.data_ptr<double>(), logabsdet.data_ptr<double>(),
-                  singular.data_ptr<bool>(), grad_table.data_ptr<double>());
+    lu_loss_small(sums, counts, G, C, normalize, log_eps, loss, logabsdet, singular, grad_table);
   } else {
-    lu_loss_lapack(sums, counts, normalize, log_eps, loss.data_ptr<double>(),
-                   logabsdet.data_ptr<double>(), singular.data_ptr<bool>(), grad_table);
+    lu_loss_lapack(sums, counts, G, C, normalize, log_eps, loss, logabsdet, singular, grad_table);
   }
 }
 
@@ -187,7 +180,9 @@ LossOutputs lu_loss_cpu(const at::Tensor& sums, const at::Tensor& counts, bool n
   at::Tensor lad = at::empty({G}, opts);
   at::Tensor singular = at::empty({G}, opts.dtype(at::kBool));
   at::Tensor table = at::empty({G, C, C}, opts);
-  lu_loss_all(s, n, normalize, eps, loss, lad, singular, table);
+  lu_loss_all(s.const_data_ptr<double>(), n.const_data_ptr<int64_t>(), G, C, normalize, eps,
+              loss.data_ptr<double>(), lad.data_ptr<double>(), singular.data_ptr<bool>(),
+              table.data_ptr<double>());
   const auto batch = counts.sizes();
   return {loss.view(batch), lad.view(batch), singular.view(batch), table.view(sums.sizes())};
 }

@@ -6,11 +6,10 @@
 
 namespace dmi_ext::cpu {
 
-// sums (G, C, C) float64 and counts (G,) int64, contiguous. Writes per-matrix float64 loss and
-// logabsdet, bool singular, and grad_table (G, C, C) float64, all contiguous and preallocated.
-// Up to kFusedMaxClasses the LU is ours, one matrix per task; above it ATen's (LAPACK).
-void lu_loss_all(const at::Tensor& sums, const at::Tensor& counts, bool normalize, double eps,
-                 at::Tensor& loss, at::Tensor& logabsdet, at::Tensor& singular,
-                 at::Tensor& grad_table);
+// sums: G x C x C float64 and counts: G int64, contiguous. Writes per-matrix float64 loss and
+// logabsdet, singular flags and grad_table (G x C x C float64). Up to kFusedMaxClasses the LU is
+// ours, one matrix per task; above it ATen's (LAPACK).
+void lu_loss_all(const double* sums, const int64_t* counts, int64_t G, int64_t C, bool normalize,
+                 double eps, double* loss, double* logabsdet, bool* singular, double* grad_table);
 
 }  // namespace dmi_ext::cpu

@@ -13,7 +13,10 @@ constexpr int64_t kIgnoredLabel = -1;     // target == ignore_index: the row is 
 constexpr int64_t kOutOfRangeLabel = -2;  // target outside [0, C) and not ignore_index
 
 // Rows per tile: a tile of C floats per row stays within L1 next to the matrix being updated.
-inline int64_t tile_rows(int64_t C) { return std::clamp<int64_t>(4096 / C, 1, 256); }
+inline int64_t tile_rows(int64_t C) { return std::clamp<int64_t>(2048 / C, 1, 256); }
+
+// Elements of input a parallel task should have before another thread is worth waking.
+constexpr int64_t kGrainElements = 16384;
 
 // tile[i, k] = base[i * row_stride + k * col_stride] for i < rows, k < C.
 template <typename scalar_t, typename acc_t>

@@ -9,3 +9,10 @@
 #else
 #define DMI_CPU_CLONES
 #endif
+
+// Helpers called from a cloned entry point must be inlined into it to be compiled for its target.
+#if defined(__GNUC__)
+#define DMI_INLINE inline __attribute__((always_inline))
+#else
+#define DMI_INLINE inline
+#endif
