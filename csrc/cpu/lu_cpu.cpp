@@ -1,8 +1,9 @@
 // Stage 2 on the CPU: LU with partial pivoting in float64, log|det U|, loss and grad table.
 //
-// For C <= kFusedMaxClasses each matrix is factorised by the code below, one matrix per task
-// (the batched small-matrix case, where a LAPACK call per 10 x 10 matrix costs more than the
-// maths). Above it the matrices go to ATen's batched LU (LAPACK) as SPEC §8 asks.
+// For C <= kFusedMaxClasses each matrix is inverted by the Gauss-Jordan code below, one matrix
+// per task (the batched small-matrix case, where a LAPACK call per 10 x 10 matrix costs more than
+// the maths); its pivots are those of the LU. Above it the matrices go to ATen's batched LU
+// (LAPACK) and an LU solve, as SPEC §8 asks.
 #include "lu_cpu.h"
 
 #include <ATen/ATen.h>
@@ -10,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -20,74 +22,88 @@
 namespace dmi_ext::cpu {
 namespace {
 
-// A <- its LU factors in place (unit L below the diagonal, U on and above), rows pivoted so that
-// perm[k] is the original row now at position k. Adds log|pivot| to *logabsdet. Returns false at
-// the first pivot that is exactly zero: U is singular (SPEC §5) and the factors are incomplete.
-DMI_CPU_CLONES bool lu_factor(double* A, int64_t C, int64_t* perm, double* logabsdet) {
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+
+DMI_INLINE v4d select(v4l mask, v4d a, v4d b) { return (v4d)((mask & (v4l)a) | (~mask & (v4l)b)); }
+
+DMI_INLINE v4d load4(const double* p) {
+  v4d v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+DMI_INLINE void store4(double* p, v4d v) { std::memcpy(p, &v, sizeof v); }
+
+// A <- A^{-1} in place by Gauss-Jordan elimination with partial pivoting. Below the diagonal
+// this is exactly LU with partial pivoting, so the pivots are those of A's LU and their log|.|
+// sum to log|det A|; eliminating above the diagonal too leaves the inverse. A is C x C with rows
+// padded with zeros to a stride CP, a multiple of 4, so every row operation is whole vectors
+// (zeros stay zeros); kCP > 0 fixes CP at compile time for the common small C. Returns false at
+// the first pivot that is exactly zero: A is singular (SPEC §5) and left half-eliminated.
+template <int64_t kCP>
+DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, int64_t* swaps,
+                                  double* logabsdet) {
+  const int64_t CP = kCP > 0 ? kCP : CP_runtime;
   double lad = 0.0;
-  for (int64_t k = 0; k < C; ++k) perm[k] = k;
   for (int64_t k = 0; k < C; ++k) {
     int64_t p = k;
-    double best = std::abs(A[k * C + k]);
+    double best = std::abs(A[k * CP + k]);
     for (int64_t r = k + 1; r < C; ++r) {
-      const double v = std::abs(A[r * C + k]);
+      const double v = std::abs(A[r * CP + k]);
       if (v > best) {
         best = v;
         p = r;
       }
     }
-    if (A[p * C + k] == 0.0) return false;
+    if (A[p * CP + k] == 0.0) return false;
+    swaps[k] = p;
+    double* rk = A + k * CP;
     if (p != k) {
-      for (int64_t c = 0; c < C; ++c) std::swap(A[k * C + c], A[p * C + c]);
-      std::swap(perm[k], perm[p]);
+      double* rp = A + p * CP;
+      for (int64_t c = 0; c < CP; c += 4) {
+        const v4d t = load4(rk + c);
+        store4(rk + c, load4(rp + c));
+        store4(rp + c, t);
+      }
     }
-    const double pivot = A[k * C + k];
+    const double pivot = rk[k];
     lad += std::log(std::abs(pivot));
-    const double* prow = A + k * C;
-    for (int64_t r = k + 1; r < C; ++r) {
-      double* row = A + r * C;
-      const double l = row[k] / pivot;
-      row[k] = l;
-      if (l == 0.0) continue;
-      for (int64_t c = k + 1; c < C; ++c) row[c] -= l * prow[c];
+    const double inv = 1.0 / pivot;
+    // Column k is set through a lane mask, never by a scalar store: a scalar store followed by a
+    // vector load of the same row stalls store forwarding, which cost more than the arithmetic.
+    const int64_t ck = k / 4 * 4;
+    const v4l lane_k = v4l{0, 1, 2, 3} == (k - ck);
+    for (int64_t c = 0; c < CP; c += 4) {
+      const v4d v = load4(rk + c) * inv;
+      store4(rk + c, c == ck ? select(lane_k, v4d{} + inv, v) : v);
     }
+    for (int64_t r = 0; r < C; ++r) {
+      double* rr = A + r * CP;
+      const double f = rr[k];
+      if (r == k || f == 0.0) continue;
+      for (int64_t c = 0; c < CP; c += 4) {
+        const v4d v = load4(rr + c) - f * load4(rk + c);
+        store4(rr + c, c == ck ? select(lane_k, v4d{} - f * inv, v) : v);
+      }
+    }
+  }
+  // The rows were swapped as they were eliminated: the inverse's columns swap back, last first.
+  for (int64_t k = C - 1; k >= 0; --k) {
+    if (swaps[k] == k) continue;
+    for (int64_t r = 0; r < C; ++r) std::swap(A[r * CP + k], A[r * CP + swaps[k]]);
   }
   *logabsdet = lad;
   return true;
 }
 
-// Z <- (P^T L U)^{-T} with the rows of the result un-permuted and scaled: out[perm[k], :] =
-// scale * Y[k, :], where U^T (L^T Y) = I. Z is C x C workspace.
-DMI_CPU_CLONES void lu_inverse_transpose(const double* A, const int64_t* perm, int64_t C,
-                                         double scale, double* Z, double* out) {
-  // Z = U^{-T}, lower triangular: row k is e_k minus earlier rows, over U[k, k].
-  for (int64_t k = 0; k < C; ++k) {
-    double* z = Z + k * C;
-    for (int64_t c = 0; c < C; ++c) z[c] = 0.0;
-    z[k] = 1.0;
-    for (int64_t j = 0; j < k; ++j) {
-      const double u = A[j * C + k];
-      if (u == 0.0) continue;
-      const double* zj = Z + j * C;
-      for (int64_t c = 0; c <= j; ++c) z[c] -= u * zj[c];
-    }
-    const double inv = 1.0 / A[k * C + k];
-    for (int64_t c = 0; c <= k; ++c) z[c] *= inv;
-  }
-  // Y = L^{-T} Z in place, from the last row up (L^T is unit upper triangular).
-  for (int64_t k = C - 1; k >= 0; --k) {
-    double* z = Z + k * C;
-    for (int64_t j = k + 1; j < C; ++j) {
-      const double l = A[j * C + k];
-      if (l == 0.0) continue;
-      const double* zj = Z + j * C;
-      for (int64_t c = 0; c < C; ++c) z[c] -= l * zj[c];
-    }
-  }
-  for (int64_t k = 0; k < C; ++k) {
-    const double* z = Z + k * C;
-    double* o = out + perm[k] * C;
-    for (int64_t c = 0; c < C; ++c) o[c] = scale * z[c];
+DMI_CPU_CLONES bool gauss_jordan_inverse(double* A, int64_t C, int64_t CP, int64_t* swaps,
+                                         double* logabsdet) {
+  switch (CP) {
+    case 4: return gauss_jordan_impl<4>(A, C, CP, swaps, logabsdet);
+    case 8: return gauss_jordan_impl<8>(A, C, CP, swaps, logabsdet);
+    case 12: return gauss_jordan_impl<12>(A, C, CP, swaps, logabsdet);
+    case 16: return gauss_jordan_impl<16>(A, C, CP, swaps, logabsdet);
+    default: return gauss_jordan_impl<0>(A, C, CP, swaps, logabsdet);
   }
 }
 
@@ -101,22 +117,26 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
                    bool* singular, double* grad_table) {
   const int64_t CC = C * C;
   const int64_t grain = std::max<int64_t>(1, (64 * 64 * 64) / (C * C * C));
+  const int64_t CP = (C + 3) / 4 * 4;  // padded row stride of the workspace
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
-    std::vector<double> work(2 * CC);
-    std::vector<int64_t> perm(C);
-    double* A = work.data();
-    double* Z = work.data() + CC;
+    std::vector<double> A(C * CP, 0.0);
+    std::vector<int64_t> swaps(C);
     for (int64_t g = g0; g < g1; ++g) {
       const double s = row_scale(counts[g], normalize);
-      for (int64_t e = 0; e < CC; ++e) A[e] = s * sums[g * CC + e];
+      for (int64_t t = 0; t < C; ++t) {
+        for (int64_t k = 0; k < C; ++k) A[t * CP + k] = s * sums[g * CC + t * C + k];
+        for (int64_t k = C; k < CP; ++k) A[t * CP + k] = 0.0;
+      }
       double lad = 0.0;
-      const bool ok = lu_factor(A, C, perm.data(), &lad);
+      const bool ok = gauss_jordan_inverse(A.data(), C, CP, swaps.data(), &lad);
       double* table = grad_table + g * CC;
       if (!ok) {
         lad = -std::numeric_limits<double>::infinity();
         std::fill(table, table + CC, 0.0);
-      } else {
-        lu_inverse_transpose(A, perm.data(), C, -det_weight(lad, log_eps) * s, Z, table);
+      } else {  // table = -w s U^{-T}
+        const double f = -det_weight(lad, log_eps) * s;
+        for (int64_t t = 0; t < C; ++t)
+          for (int64_t k = 0; k < C; ++k) table[t * C + k] = f * A[k * CP + t];
       }
       singular[g] = !ok;
       logabsdet[g] = lad;
