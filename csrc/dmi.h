@@ -44,6 +44,15 @@ void check_joint(const at::Tensor& sums, const at::Tensor& counts);
 void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad_table, const Layout& layout,
                     int64_t reduction);
 
+// The value errors only a kernel can find (SPEC §7), worded once for every device: a label outside
+// [0, C) that is not ignore_index (IndexError), and a row of `input` that is not a probability
+// vector when from_logits is false (ValueError). `matrix` and `slice` index the Layout's matrices
+// and input slices; `row` is the row within them.
+[[noreturn]] void throw_bad_label(const Layout& layout, int64_t matrix, int64_t row, int64_t label,
+                                  int64_t ignore_index);
+[[noreturn]] void throw_not_probability(const Layout& layout, int64_t slice, int64_t row,
+                                        double row_sum, double row_min);
+
 // input as (slices, N, C) and target as (matrices, N): views, no copies.
 at::Tensor input_3d(const at::Tensor& input);
 at::Tensor target_2d(const at::Tensor& target, const Layout& layout);

@@ -91,11 +91,6 @@ DMI_CPU_CLONES void lu_inverse_transpose(const double* A, const int64_t* perm, i
   }
 }
 
-inline double row_scale(int64_t count, bool normalize) {
-  if (!normalize) return 1.0;
-  return count > 0 ? 1.0 / static_cast<double>(count) : 0.0;  // no kept rows: U = 0, singular
-}
-
 void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t C,
                    bool normalize, double log_eps, double* loss, double* logabsdet,
                    bool* singular, double* grad_table) {
@@ -107,7 +102,7 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
     double* A = work.data();
     double* Z = work.data() + CC;
     for (int64_t g = g0; g < g1; ++g) {
-      const double s = row_scale(counts[g], normalize);
+      const double s = joint_scale(counts[g], normalize);
       for (int64_t e = 0; e < CC; ++e) A[e] = s * sums[g * CC + e];
       double lad = 0.0;
       const bool ok = lu_factor(A, C, perm.data(), &lad);
@@ -131,7 +126,7 @@ void lu_loss_lapack(const at::Tensor& sums, const at::Tensor& counts, bool norma
   const int64_t G = sums.size(0), C = sums.size(1);
   const int64_t* cnt = counts.const_data_ptr<int64_t>();
   std::vector<double> scale(G);
-  for (int64_t g = 0; g < G; ++g) scale[g] = row_scale(cnt[g], normalize);
+  for (int64_t g = 0; g < G; ++g) scale[g] = joint_scale(cnt[g], normalize);
   const at::Tensor s = at::tensor(scale, sums.options());
   const at::Tensor A = sums * s.view({G, 1, 1});
   auto [LU, pivots, info] = at::linalg_lu_factor_ex(A, /*pivot=*/true, /*check_errors=*/false);
