@@ -40,6 +40,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 "$python" -c "import torch, sys; print('[gpu-suite] python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1 | tee -a "$log"
 nvcc --version 2>&1 | tail -n 2 | sed 's/^/[gpu-suite] /' | tee -a "$log"
 
+# torch's CUDA headers include cuBLAS/cuSOLVER headers; when the toolkit lacks them, take them
+# from the CUDA wheels next to torch (as scripts/cuda_compile_check.sh does).
+cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
+if [ -z "${DMI_EXT_CUDA_INCLUDE:-}" ] && [ ! -f "$cuda_home/include/cublas_v2.h" ]; then
+  wheel_include=$("$python" -c "import os, torch; p = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), 'nvidia', 'cu13', 'include'); print(p if os.path.isdir(p) else '')")
+  if [ -n "$wheel_include" ]; then export DMI_EXT_CUDA_INCLUDE=$wheel_include; fi
+fi
+
 for stage in $stages; do
   case $stage in
     build)

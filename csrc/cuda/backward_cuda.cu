@@ -167,15 +167,15 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& input, const
   p.out = grad_input.data_ptr<scalar_t>();
 
   const int64_t tiles = S * ceil_div(N, p.tile_rows);
-  const int64_t per_sm = std::max<int64_t>(
-      1, std::min<int64_t>(props->maxThreadsPerMultiProcessor / kBackwardThreads,
-                           props->sharedMemPerMultiprocessor / (smem + 1024)));
-  const int64_t blocks = std::min<int64_t>(tiles, props->multiProcessorCount * per_sm);
   auto kernel = backward_kernel<scalar_t, index_t, grad_t>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
+  int per_sm = 0;  // resident blocks per multiprocessor: the persistent grid fills them once
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBackwardThreads, smem));
+  const int64_t blocks =
+      std::min<int64_t>(tiles, props->multiProcessorCount * std::max(per_sm, 1));
   kernel<<<static_cast<unsigned>(blocks), kBackwardThreads, smem,
            at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

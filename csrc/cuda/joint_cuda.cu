@@ -308,7 +308,11 @@ struct Plan {
   size_t off_count, off_poison, off_labels, off_tile, smem;
 };
 
-Plan plan_forward(const Layout& L, int threads, size_t acc_size, bool fused) {
+// blocks_per_sm(smem): how many blocks of the kernel fit on one multiprocessor (registers,
+// threads and shared memory: the CUDA occupancy calculator).
+template <typename BlocksPerSM>
+Plan plan_forward(const Layout& L, int threads, size_t acc_size, bool fused,
+                  const BlocksPerSM& blocks_per_sm) {
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const int64_t S = L.slices, M = L.sources, N = L.rows, C = L.classes;
   const size_t matrices_bytes = static_cast<size_t>(M * C * C) * sizeof(double);
@@ -337,9 +341,7 @@ Plan plan_forward(const Layout& L, int threads, size_t acc_size, bool fused) {
   };
   layout_smem(static_cast<int>(std::min<int64_t>(tile_rows(C, N), label_rows)));
 
-  const int64_t per_sm = std::max<int64_t>(
-      1, std::min<int64_t>(props->maxThreadsPerMultiProcessor / threads,
-                           props->sharedMemPerMultiprocessor / (plan.smem + 1024)));
+  const int64_t per_sm = std::max<int64_t>(1, blocks_per_sm(plan.smem));
   const int64_t by_occupancy = std::max<int64_t>(1, props->multiProcessorCount * per_sm / S);
   const int64_t by_rows = std::max<int64_t>(1, N / kMinRowsPerBlock);
   const int64_t by_reduce = std::max<int64_t>(
@@ -363,7 +365,16 @@ ForwardOutputs launch(const at::Tensor& input, const at::Tensor& target, const L
   using acc_t = at::opmath_type<scalar_t>;
   using loss_t = loss_type<scalar_t>;
   const int64_t S = L.slices, M = L.sources, G = L.matrices(), C = L.classes, CC = C * C;
-  const Plan plan = plan_forward(L, Stage2::kThreads, sizeof(acc_t), Stage2::kFused);
+  auto kernel = forward_kernel<scalar_t, index_t, Stage2>;
+  const Plan plan = plan_forward(L, Stage2::kThreads, sizeof(acc_t), Stage2::kFused, [&](size_t smem) {
+    int blocks = 0;
+    if (smem > 48 * 1024) {  // the calculator counts no block that could not be launched
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, Stage2::kThreads, smem));
+    return blocks;
+  });
   const int64_t K = plan.chunks;
   const bool publish = K > 1 || (Stage2::kFused && M > 1);
   const bool acc_is_output = !Stage2::kFused && K == 1 && !plan.acc_in_shared;
@@ -439,7 +450,6 @@ ForwardOutputs launch(const at::Tensor& input, const at::Tensor& target, const L
     p.counts = out.counts.data_ptr<int64_t>();
   }
 
-  auto kernel = forward_kernel<scalar_t, index_t, Stage2>;
   if (plan.smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(plan.smem)));
