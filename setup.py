@@ -2,7 +2,9 @@
 
 CPU always, from csrc/*.cpp and csrc/cpu/*.cpp; CUDA too, from csrc/cuda/*.cu, when the installed
 torch is a CUDA build and nvcc is found (CUDA_HOME). DMI_EXT_FORCE_CPU=1 forces a CPU build,
-DMI_EXT_FORCE_CUDA=1 a CUDA build (to compile-check the kernels on a machine without a GPU).
+DMI_EXT_FORCE_CUDA=1 a CUDA build (to compile-check the kernels on a machine without a GPU:
+scripts/cuda_compile_check.sh). DMI_EXT_CUDA_INCLUDE adds an include directory for the CUDA build
+(the CUDA wheels' nvidia/cu13/include when the toolkit lacks the cuBLAS/cuSOLVER headers).
 Install against the torch you already have: pip install --no-build-isolation -e .
 """
 
@@ -34,6 +36,10 @@ def extension():
         return CppExtension("dmi_ext._C", sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=link)
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    # With no GPU to read the architecture from (a compile check), build for Hopper (sm_90), the
+    # GPUs of SPEC §8, instead of torch's long default list. TORCH_CUDA_ARCH_LIST overrides.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     extra_include = os.environ.get("DMI_EXT_CUDA_INCLUDE")  # e.g. the wheel set's nvidia/cu13/include
     include_dirs = [extra_include] if extra_include else []
     return CUDAExtension(

@@ -52,6 +52,15 @@ struct Strides {
 };
 Strides strides_of(const at::Tensor& input, const at::Tensor& target, const Layout& layout);
 
+// The value errors only a kernel can find (SPEC §7), worded once for every device: a label outside
+// [0, C) that is not ignore_index (IndexError), and a row of `input` that is not a probability
+// vector when from_logits is false (ValueError). `matrix` and `slice` index the Layout's matrices
+// and input slices; `row` is the row within them.
+[[noreturn]] void throw_bad_label(const Layout& layout, int64_t matrix, int64_t row, int64_t label,
+                                  int64_t ignore_index);
+[[noreturn]] void throw_not_probability(const Layout& layout, int64_t slice, int64_t row,
+                                        double row_sum, double row_min);
+
 // The dtype of the loss and log|det| outputs: float32 for 16-bit inputs, else the input's dtype.
 at::ScalarType loss_dtype(at::ScalarType input_dtype);
 

@@ -36,10 +36,24 @@ C10_HOST_DEVICE inline double det_weight(double logabsdet, double log_eps) {
   return e / (1.0 + e);
 }
 
+// s = 1/n with n kept rows when normalizing (U = s * sums), else 1. No kept rows: U = 0, which
+// is singular.
+C10_HOST_DEVICE inline double joint_scale(int64_t kept_rows, bool normalize) {
+  if (!normalize) return 1.0;
+  return kept_rows > 0 ? 1.0 / static_cast<double>(kept_rows) : 0.0;
+}
+
+// How far a row of probabilities may sum from 1 and still pass validation: loose enough for a
+// 16-bit softmax, tight enough to catch logits passed with from_logits=False.
+C10_HOST_DEVICE inline double probability_tolerance(int element_size) {
+  return element_size == 2 ? 1e-2 : 1e-3;
+}
+
 // The factor matrix g's gradient table is multiplied by in the backward, given the gradient of
-// the op's (possibly reduced) loss output.
-template <typename grad_t>
-C10_HOST_DEVICE inline double grad_scale(const grad_t* grad_loss, int64_t g, int64_t matrices,
+// the op's (possibly reduced) loss output. `grad_loss` is anything indexable: a pointer, or a
+// strided view on the device (an expanded gradient has stride 0).
+template <typename grad_access>
+C10_HOST_DEVICE inline double grad_scale(const grad_access& grad_loss, int64_t g, int64_t matrices,
                                          int64_t reduction) {
   if (reduction == 0) return static_cast<double>(grad_loss[g]);  // per-matrix loss
   const double go = static_cast<double>(grad_loss[0]);

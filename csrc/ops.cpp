@@ -135,6 +135,26 @@ Strides strides_of(const at::Tensor& input, const at::Tensor& target, const Layo
   return s;
 }
 
+void throw_bad_label(const Layout& L, int64_t matrix, int64_t row, int64_t label,
+                     int64_t ignore_index) {
+  const std::string position = L.single ? c10::str("[", row, "]")
+                                        : c10::str("[", matrix, ", ", row, "]");
+  C10_THROW_ERROR(IndexError,
+                  c10::str("dmi_ext: argument 'target' holds the label ", label, " at ", position,
+                           ", outside [0, ", L.classes, ") and not ignore_index (", ignore_index,
+                           ")"));
+}
+
+void throw_not_probability(const Layout& L, int64_t slice, int64_t row, double row_sum,
+                           double row_min) {
+  C10_THROW_ERROR(ValueError,
+                  c10::str("dmi_ext: argument 'input' is not a probability vector at row ", row,
+                           (L.slices > 1 ? c10::str(" of slice ", slice) : std::string()),
+                           " (sum ", row_sum, ", min ", row_min,
+                           ") but from_logits=False; pass logits with from_logits=True, or "
+                           "validate=False to skip this check"));
+}
+
 at::ScalarType loss_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

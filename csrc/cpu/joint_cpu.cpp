@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../dmi_math.h"
 #include "softmax_cpu.h"
 #include "tiles_cpu.h"
 
@@ -29,11 +30,6 @@ int64_t chunks_per_slice(const Layout& L, int64_t threads) {
   return std::max<int64_t>(k, 1);
 }
 
-std::string label_position(const Layout& L, int64_t g, int64_t row) {
-  if (L.single) return "[" + std::to_string(row) + "]";
-  return "[" + std::to_string(g) + ", " + std::to_string(row) + "]";
-}
-
 template <typename scalar_t, typename index_t>
 void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layout& L,
                   bool from_logits, int64_t ignore_index, bool validate, double* sums,
@@ -47,9 +43,7 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
   // (probability rows are copied: the accumulation reads a little past each row's end).
   const bool read_in_place = from_logits && std::is_same_v<scalar_t, acc_t> &&
                              st.input_class == 1 && st.input_row == C;
-  // Tolerance on a probability row's sum: loose enough for a float16 softmax, tight enough to
-  // catch logits passed with from_logits=False.
-  const double prob_tol = sizeof(scalar_t) == 2 ? 1e-2 : 1e-3;
+  const double prob_tol = probability_tolerance(sizeof(scalar_t));
 
   const int64_t K = chunks_per_slice(L, at::get_num_threads());
   // Partials of different tasks start on separate cache lines (no false sharing).
@@ -93,11 +87,7 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
         } else if (validate) {
           double bad_sum = 0, bad_min = 0;
           const int64_t bad = first_non_probability_row(p, nr, C, prob_tol, &bad_sum, &bad_min);
-          TORCH_CHECK_VALUE(bad < 0, "dmi_ext: argument 'input' is not a probability vector at row ",
-                            r + bad, (S > 1 ? " of slice " + std::to_string(s) : std::string()),
-                            " (sum ", bad_sum, ", min ", bad_min,
-                            ") but from_logits=False; pass logits with from_logits=True, or "
-                            "validate=False to skip this check");
+          if (bad >= 0) throw_not_probability(L, s, r + bad, bad_sum, bad_min);
         }
         for (int64_t j = 0; j < M; ++j) {
           const int64_t g = s * M + j;
@@ -105,10 +95,10 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
           kept[j] += read_labels(labels.data(), tg, st.target_row, nr, C, ignore_index);
           for (int64_t i = 0; i < nr; ++i) {
             if (labels[i] != kOutOfRangeLabel) continue;
-            TORCH_CHECK_INDEX(!validate, "dmi_ext: argument 'target' holds the label ",
-                              static_cast<int64_t>(tg[i * st.target_row]), " at ",
-                              label_position(L, g, r + i), ", outside [0, ", C,
-                              ") and not ignore_index (", ignore_index, ")");
+            if (validate) {
+              throw_bad_label(L, g, r + i, static_cast<int64_t>(tg[i * st.target_row]),
+                              ignore_index);
+            }
             invalid[j] = 1;
           }
           accumulate_rows(dst + j * CC, p, p_scale, labels.data(), nr, C);

@@ -107,11 +107,6 @@ DMI_CPU_CLONES bool gauss_jordan_inverse(double* A, int64_t C, int64_t CP, int64
   }
 }
 
-inline double row_scale(int64_t count, bool normalize) {
-  if (!normalize) return 1.0;
-  return count > 0 ? 1.0 / static_cast<double>(count) : 0.0;  // no kept rows: U = 0, singular
-}
-
 void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t C,
                    bool normalize, double log_eps, double* loss, double* logabsdet,
                    bool* singular, double* grad_table) {
@@ -122,7 +117,7 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
     std::vector<double> A(C * CP, 0.0);
     std::vector<int64_t> swaps(C);
     for (int64_t g = g0; g < g1; ++g) {
-      const double s = row_scale(counts[g], normalize);
+      const double s = joint_scale(counts[g], normalize);
       for (int64_t t = 0; t < C; ++t) {
         for (int64_t k = 0; k < C; ++k) A[t * CP + k] = s * sums[g * CC + t * C + k];
         for (int64_t k = C; k < CP; ++k) A[t * CP + k] = 0.0;
@@ -150,7 +145,7 @@ void lu_loss_lapack(const double* sums_ptr, const int64_t* counts, int64_t G, in
                     bool* singular, double* table) {
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   std::vector<double> scale(G);
-  for (int64_t g = 0; g < G; ++g) scale[g] = row_scale(counts[g], normalize);
+  for (int64_t g = 0; g < G; ++g) scale[g] = joint_scale(counts[g], normalize);
   const at::Tensor sums = at::from_blob(const_cast<double*>(sums_ptr), {G, C, C}, f64);
   const at::Tensor A = sums * at::from_blob(scale.data(), {G, 1, 1}, f64);
   auto [LU, pivots, info] = at::linalg_lu_factor_ex(A, /*pivot=*/true, /*check_errors=*/false);

@@ -1,0 +1,219 @@
+// Stage 3 on the GPU, one launch: every row reads its logits (or nothing, when the input holds
+// probabilities: their gradient does not depend on them) and its labels once, and its gradient is
+// written once, in the input's dtype (SPEC §4). Row i gets g_i = sum over its matrices of
+// scale_g * grad_table[g][t_gi], then, from logits, p_i * (g_i - <g_i, p_i>) with p_i recomputed
+// by the forward's softmax. The scales come from grad_loss on the device (no host read).
+//
+// A persistent grid walks tiles of rows (a tile never spans two slices); a tile is loaded into
+// shared memory with 16-byte loads, processed by groups of lanes per row, and stored back with
+// 16-byte stores. The grad table rows of a slice are staged in shared memory, scaled, when they
+// fit and are reused by enough rows; otherwise they are read through the read-only cache.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../dmi.h"
+#include "../dmi_math.h"
+#include "tiles_cuda.cuh"
+
+namespace dmi_ext::cuda {
+namespace {
+
+constexpr int kBackwardThreads = 256;
+constexpr size_t kStagedTableBudget = 32 * 1024;
+
+template <typename grad_t>
+struct StridedGrad {  // grad_loss[g], read through its stride (0 when expanded)
+  const grad_t* data;
+  int64_t stride;
+  __device__ grad_t operator[](int64_t i) const { return data[i * stride]; }
+};
+
+template <typename scalar_t, typename index_t, typename grad_t>
+struct BackwardParams {
+  InputView<scalar_t> x;
+  TargetView<index_t> t;
+  const double* table;  // (G, C, C)
+  StridedGrad<grad_t> grad_loss;
+  int64_t reduction;
+  int64_t slices, sources;
+  bool from_logits;
+  int64_t ignore_index;
+  int tile_rows, lanes;
+  bool stage_table;
+  size_t off_labels, off_tile;
+  scalar_t* out;  // (slices, rows, C), contiguous
+};
+
+template <typename scalar_t, typename index_t, typename grad_t>
+__global__ void __launch_bounds__(kBackwardThreads)
+    backward_kernel(const BackwardParams<scalar_t, index_t, grad_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  double* staged = reinterpret_cast<double*>(smem);                // [M][C][C], scaled
+  int* labels = reinterpret_cast<int*>(smem + p.off_labels);       // [M][TR]
+  acc_t* tile = reinterpret_cast<acc_t*>(smem + p.off_tile);       // [TR][C]
+
+  const int tid = threadIdx.x, T = blockDim.x;
+  const int C = p.x.classes, TR = p.tile_rows;
+  const int64_t N = p.x.rows, M = p.sources, G = p.slices * M;
+  const int64_t CC = static_cast<int64_t>(C) * C;
+  const int64_t tiles_per_slice = (N + TR - 1) / TR, tiles = p.slices * tiles_per_slice;
+  const LaneGroup lg = LaneGroup::of_thread(p.lanes);
+  const acc_t nan = static_cast<acc_t>(NAN);
+  int64_t staged_slice = -1;
+
+  for (int64_t tile_id = blockIdx.x; tile_id < tiles; tile_id += gridDim.x) {
+    const int64_t slice = tile_id / tiles_per_slice;
+    const int64_t row0 = (tile_id - slice * tiles_per_slice) * TR;
+    const int nr = static_cast<int>(std::min<int64_t>(TR, N - row0));
+    if (p.stage_table && slice != staged_slice) {  // block-uniform; the last tile ended in a barrier
+      for (int64_t e = tid; e < M * CC; e += T) {
+        const int64_t g = slice * M + e / CC;
+        staged[e] = grad_scale(p.grad_loss, g, G, p.reduction) * p.table[slice * M * CC + e];
+      }
+      staged_slice = slice;
+    }
+    for (int e = tid; e < M * nr; e += T) {
+      const int m = e / nr, i = e - m * nr;
+      const int64_t g = slice * M + m;
+      labels[m * TR + i] = label_code(p.t.data[g * p.t.stride_matrix + (row0 + i) * p.t.stride_row],
+                                      C, p.ignore_index);
+    }
+    if (p.from_logits) load_tile(tile, p.x, slice, row0, nr);
+    __syncthreads();
+
+    for (int i = tid / p.lanes; i < nr; i += T / p.lanes) {
+      acc_t* row = tile + i * C;
+      // dL/dP[i, k]: the sum over this row's matrices of scale_g * table_g[label, k], each term
+      // rounded to acc_t as on the CPU; NaN for a label outside [0, C) (its matrix is NaN too).
+      auto grad_p = [&](int k) -> acc_t {
+        acc_t gk = 0;
+        for (int64_t m = 0; m < M; ++m) {
+          const int label = labels[m * TR + i];
+          if (label == kOutOfRangeLabel) return nan;
+          if (label < 0) continue;
+          const int64_t entry = (m * C + label) * C + k;
+          const double v = p.stage_table
+                               ? staged[entry]
+                               : grad_scale(p.grad_loss, slice * M + m, G, p.reduction) *
+                                     __ldg(p.table + slice * M * CC + entry);
+          gk += static_cast<acc_t>(v);
+        }
+        return gk;
+      };
+      if (p.from_logits) {
+        const acc_t inv = acc_t(1) / exp_shifted_row(row, C, lg);
+        acc_t dot = 0;
+        for (int k = lg.lane; k < C; k += lg.lanes) {
+          const acc_t pk = row[k] * inv;
+          row[k] = pk;
+          dot += grad_p(k) * pk;
+        }
+        dot = lg.sum(dot);
+        for (int k = lg.lane; k < C; k += lg.lanes) row[k] = row[k] * (grad_p(k) - dot);
+      } else {
+        for (int k = lg.lane; k < C; k += lg.lanes) row[k] = grad_p(k);
+      }
+    }
+    __syncthreads();
+    store_tile(p.out + (slice * N + row0) * C, tile, nr * C);
+    __syncthreads();
+  }
+}
+
+template <typename scalar_t, typename index_t, typename grad_t>
+void launch_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                     const at::Tensor& table, bool from_logits, int64_t ignore_index,
+                     int64_t reduction, const Layout& L, at::Tensor& grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int64_t S = L.slices, M = L.sources, N = L.rows, C = L.classes;
+  const Strides st = strides_of(input, target, L);
+
+  BackwardParams<scalar_t, index_t, grad_t> p{};
+  p.x = {input.const_data_ptr<scalar_t>(), st.input_slice, st.input_row, st.input_class, N,
+         static_cast<int>(C), st.input_class == 1 && st.input_row == C};
+  p.t = {target.const_data_ptr<index_t>(), st.target_matrix, st.target_row};
+  p.table = table.const_data_ptr<double>();
+  p.grad_loss = {grad_loss.const_data_ptr<grad_t>(), grad_loss.dim() == 0 ? 0 : grad_loss.stride(0)};
+  p.reduction = reduction;
+  p.slices = S;
+  p.sources = M;
+  p.from_logits = from_logits;
+  p.ignore_index = ignore_index;
+  p.lanes = lanes_per_row(static_cast<int>(C));
+  const int64_t label_rows = std::max<int64_t>(1, 16384 / (4 * M));
+  p.tile_rows = static_cast<int>(std::min<int64_t>(tile_rows(C, N), label_rows));
+  const size_t table_bytes = static_cast<size_t>(M * C * C) * sizeof(double);
+  // Staging pays when the table is small and each of its rows serves several input rows.
+  p.stage_table = table_bytes <= kStagedTableBudget && N >= 2 * C;
+  size_t off = p.stage_table ? align16(table_bytes) : 0;
+  p.off_labels = off;
+  off += align16(static_cast<size_t>(M * p.tile_rows) * sizeof(int));
+  p.off_tile = off;
+  off += align16(static_cast<size_t>(p.tile_rows * C) * sizeof(acc_t));
+  const size_t smem = off;
+  TORCH_CHECK(smem <= static_cast<size_t>(props->sharedMemPerBlockOptin),
+              "dmi_ext: the backward kernel needs ", smem, " bytes of shared memory for C = ", C,
+              " and M = ", M, "; the device allows ", props->sharedMemPerBlockOptin);
+  p.out = grad_input.data_ptr<scalar_t>();
+
+  const int64_t tiles = S * ceil_div(N, p.tile_rows);
+  auto kernel = backward_kernel<scalar_t, index_t, grad_t>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  int per_sm = 0;  // resident blocks per multiprocessor: the persistent grid fills them once
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBackwardThreads, smem));
+  const int64_t blocks =
+      std::min<int64_t>(tiles, props->multiProcessorCount * std::max(per_sm, 1));
+  kernel<<<static_cast<unsigned>(blocks), kBackwardThreads, smem,
+           at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor dmi_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input,
+                             const at::Tensor& target, const at::Tensor& grad_table,
+                             bool from_logits, int64_t ignore_index, int64_t reduction) {
+  const Layout L = check_inputs(input, target);
+  check_reduction(reduction);
+  check_backward(grad_loss, grad_table, L, reduction);
+  TORCH_CHECK_VALUE(grad_table.device() == input.device(),
+                    "dmi_ext: arguments 'grad_table' and 'input' must be on the same device, got ",
+                    grad_table.device(), " and ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor table = grad_table.contiguous();
+  at::Tensor go = grad_loss.reshape({-1});
+  if (go.scalar_type() != at::kFloat && go.scalar_type() != at::kDouble) go = go.to(at::kFloat);
+  at::Tensor grad_input =
+      at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "dmi_ext_backward_cuda", [&] {
+        using input_t = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "dmi_ext_backward_grad_cuda", [&] {
+          using grad_t = scalar_t;
+          if (target.scalar_type() == at::kLong) {
+            launch_backward<input_t, int64_t, grad_t>(go, input, target, table, from_logits,
+                                                      ignore_index, reduction, L, grad_input);
+          } else {
+            launch_backward<input_t, int32_t, grad_t>(go, input, target, table, from_logits,
+                                                      ignore_index, reduction, L, grad_input);
+          }
+        });
+      });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmi_ext, CUDA, m) { m.impl("dmi_backward", &dmi_backward_cuda); }
+
+}  // namespace dmi_ext::cuda

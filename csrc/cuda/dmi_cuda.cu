@@ -1,0 +1,104 @@
+// The fused forward on the GPU: for C <= kFusedMaxClasses one kernel launch (joint_cuda.cu)
+// accumulates U, factorises it and writes the loss, log|det U|, the singular flag and the grad
+// table; above the limit the same accumulation runs in joint mode and ATen's LU follows
+// (lu_cuda.cu). Neither path synchronises with the host.
+//
+// Validation that needs the host (SPEC §7): the kernels record the first out-of-range label and
+// the first row that is not a probability vector in a small device record. With validate=True the
+// host reads it after the launch (the one device-to-host synchronisation of the CUDA ops) and
+// raises the CPU op's error; with validate=False nothing is read, and a bad label gives a NaN loss
+// for its matrix, as on the CPU.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../dmi.h"
+#include "dmi_cuda.h"
+
+namespace dmi_ext::cuda {
+
+void check_validate_allowed(bool validate) {
+  TORCH_CHECK_VALUE(!validate || at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None,
+                    "dmi_ext: argument 'validate' is True while the current CUDA stream is being "
+                    "captured into a graph; validation reads the kernel's error record on the host, "
+                    "which capture forbids. Pass validate=False inside captured regions (a bad label "
+                    "then gives a NaN loss for its matrix)");
+}
+
+void raise_recorded_errors(const at::Tensor& errors, const at::Tensor& input,
+                           const at::Tensor& target, const Layout& L, int64_t ignore_index) {
+  const at::Tensor record = errors.to(at::kCPU);  // synchronises with the device
+  const uint64_t bad_label = static_cast<uint64_t>(record.const_data_ptr<int64_t>()[0]);
+  const uint64_t bad_row = static_cast<uint64_t>(record.const_data_ptr<int64_t>()[1]);
+  const int64_t N = L.rows;
+  if (bad_row != 0) {
+    const int64_t key = static_cast<int64_t>(~bad_row);
+    const int64_t slice = key / N, row = key % N;
+    // The row as the kernel saw it (converted to the accumulation type), summed like the CPU.
+    const at::Tensor values =
+        (input.dim() == 3 ? input[slice] : input)[row].to(at::kCPU).to(at::kDouble);
+    const double* v = values.const_data_ptr<double>();
+    double sum = 0.0, lo = 1.0;
+    for (int64_t k = 0; k < values.numel(); ++k) {
+      sum += v[k];
+      lo = v[k] < lo ? v[k] : lo;
+    }
+    throw_not_probability(L, slice, row, sum, lo);
+  }
+  if (bad_label != 0) {
+    const int64_t key = static_cast<int64_t>(~bad_label);
+    const int64_t matrix = key / N, row = key % N;
+    const int64_t label = (L.single ? target : target[matrix])[row].item<int64_t>();
+    throw_bad_label(L, matrix, row, label, ignore_index);
+  }
+}
+
+namespace {
+
+LossOutputs dmi_cuda(const at::Tensor& input, const at::Tensor& target, bool from_logits,
+                     bool normalize, double eps, int64_t ignore_index, int64_t reduction,
+                     bool validate) {
+  const Layout L = check_inputs(input, target);
+  check_eps(eps);
+  check_reduction(reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  check_validate_allowed(validate);
+  const std::vector<int64_t> mshape = matrix_shape(L);
+  ForwardOptions o{};
+  o.from_logits = from_logits;
+  o.validate = validate;
+  o.ignore_index = ignore_index;
+  o.normalize = normalize;
+  o.eps = eps;
+  o.reduction = reduction;
+
+  if (L.classes <= kFusedMaxClasses) {
+    o.fused = true;
+    ForwardOutputs out = run_forward(input, target, L, o);
+    if (validate) raise_recorded_errors(out.errors, input, target, L, ignore_index);
+    at::Tensor loss = reduction == kReductionNone ? out.loss.view(mshape) : out.loss;
+    return {loss, out.logabsdet.view(mshape), out.singular.view(mshape), out.grad_table};
+  }
+
+  o.fused = false;
+  ForwardOutputs joint = run_forward(input, target, L, o);
+  if (validate) raise_recorded_errors(joint.errors, input, target, L, ignore_index);
+  auto [loss, lad, singular, table] = lu_loss_library(joint.sums, joint.counts, normalize, eps);
+  const at::ScalarType dtype = loss_dtype(input.scalar_type());
+  at::Tensor out;
+  if (reduction == kReductionNone) {
+    out = loss.to(dtype).view(mshape);
+  } else {
+    at::Tensor total = loss.sum();  // ATen's CUDA reduction: a fixed order for a given shape
+    if (reduction == kReductionMean) total = total / static_cast<double>(L.matrices());
+    out = total.to(dtype);
+  }
+  return {out, lad.to(dtype).view(mshape), singular.view(mshape), table};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmi_ext, CUDA, m) { m.impl("dmi", &dmi_cuda); }
+
+}  // namespace dmi_ext::cuda
