@@ -284,3 +284,32 @@ def test_positive_inf_logit_gives_nan_like_softmax(device):
     x[2, 3, 1] = float("inf")  # torch.softmax of this row is NaN
     loss = dmi_ext.dmi_loss(x, y, reduction="none")
     assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()
+
+
+def test_library_lu_after_set_num_threads(tmp_path):
+    """Above the fused limit the LU is LAPACK's. torch 2.13's MKL batched LU breaks once
+    torch.set_num_threads has been called (pytorch/pytorch#141358): the op must still be right,
+    in a process that has called it, for batched and multi-source calls."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "after_set_num_threads.py"
+    script.write_text(textwrap.dedent("""
+        import torch, dmi_ext
+        from dmi_ext import reference as ref
+        torch.set_num_threads(torch.get_num_threads())
+        g = torch.Generator().manual_seed(0)
+        for x, y in [(torch.randn(3, 900, 200, generator=g, dtype=torch.float64),
+                      (torch.arange(900) % 200).repeat(3, 1)),
+                     (torch.randn(900, 200, generator=g, dtype=torch.float64),
+                      torch.stack([torch.randperm(900, generator=g) % 200 for _ in range(2)]))]:
+            got = dmi_ext.dmi_loss(x, y, reduction="none")
+            xs = x if x.dim() == 3 else x.expand(y.shape[0], -1, -1)
+            # the reference one matrix at a time (single-matrix LAPACK calls are not affected)
+            want = torch.stack([ref.dmi_loss(xs[i], y[i]) for i in range(y.shape[0])])
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+        print("ok")
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

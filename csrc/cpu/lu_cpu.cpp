@@ -140,31 +140,36 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
   });
 }
 
-void lu_loss_lapack(const double* sums_ptr, const int64_t* counts, int64_t G, int64_t C,
+// One LAPACK call per matrix, not a batched call: torch 2.13's MKL batched LU goes wrong
+// (DLASWP "parameter 6 was incorrect") once torch.set_num_threads has been called, for matrices
+// of a few hundred rows (pytorch/pytorch#141358). Above the fused limit a call per matrix costs
+// nothing next to the O(C^3) factorisation.
+void lu_loss_lapack(const double* sums, const int64_t* counts, int64_t G, int64_t C,
                     bool normalize, double log_eps, double* loss, double* logabsdet,
                     bool* singular, double* table) {
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
-  std::vector<double> scale(G);
-  for (int64_t g = 0; g < G; ++g) scale[g] = joint_scale(counts[g], normalize);
-  const at::Tensor sums = at::from_blob(const_cast<double*>(sums_ptr), {G, C, C}, f64);
-  const at::Tensor A = sums * at::from_blob(scale.data(), {G, 1, 1}, f64);
-  auto [LU, pivots, info] = at::linalg_lu_factor_ex(A, /*pivot=*/true, /*check_errors=*/false);
-  const at::Tensor lad = LU.diagonal(0, -2, -1).abs().log().sum(-1).contiguous();
-  const at::Tensor eye = at::eye(C, f64).expand({G, C, C});
-  const at::Tensor inv_t =
-      at::linalg_lu_solve(LU, pivots, eye, /*left=*/true, /*adjoint=*/true).contiguous();
-  const int32_t* inf = info.const_data_ptr<int32_t>();
-  const double* ladp = lad.const_data_ptr<double>();
-  const double* invp = inv_t.const_data_ptr<double>();
   const int64_t CC = C * C;
+  const at::Tensor eye = at::eye(C, f64);
   for (int64_t g = 0; g < G; ++g) {
-    const bool sing = inf[g] > 0;  // LAPACK: U(info, info) is exactly zero
-    const double l = sing ? -std::numeric_limits<double>::infinity() : ladp[g];
+    const double s = joint_scale(counts[g], normalize);
+    const at::Tensor A = at::from_blob(const_cast<double*>(sums + g * CC), {C, C}, f64) * s;
+    auto [LU, pivots, info] = at::linalg_lu_factor_ex(A, /*pivot=*/true, /*check_errors=*/false);
+    const bool sing = info.item<int32_t>() > 0;  // LAPACK: U(info, info) is exactly zero
+    const double l = sing ? -std::numeric_limits<double>::infinity()
+                          : LU.diagonal().abs().log().sum().item<double>();
     singular[g] = sing;
     logabsdet[g] = l;
     loss[g] = loss_from_logabsdet(l, log_eps);
-    const double f = sing ? 0.0 : -det_weight(l, log_eps) * scale[g];
-    for (int64_t e = 0; e < CC; ++e) table[g * CC + e] = sing ? 0.0 : f * invp[g * CC + e];
+    double* out = table + g * CC;
+    if (sing) {
+      std::fill(out, out + CC, 0.0);
+      continue;
+    }
+    const at::Tensor inv_t =
+        at::linalg_lu_solve(LU, pivots, eye, /*left=*/true, /*adjoint=*/true).contiguous();
+    const double f = -det_weight(l, log_eps) * s;
+    const double* invp = inv_t.const_data_ptr<double>();
+    for (int64_t e = 0; e < CC; ++e) out[e] = f * invp[e];
   }
 }
 
