@@ -25,12 +25,19 @@ def run_cli(*args):
 def test_reproduce_tiny_grid_writes_json_table_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "grid"
-    done = run_cli("reproduce", "--noise", "pairflip", "binary3", "--rates", "0.0", "0.7",
-                   "--seeds", "1", "--out", str(out), *TINY)
+    done = run_cli("reproduce", "--noise", "pairflip", "uniform", "binary3", "--rates", "0.0",
+                   "0.7", "--seeds", "1", "--out", str(out), *TINY)
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
-    assert len(runs) == 2 * 2 * 5  # noise kinds x rates x methods, one seed
+    assert len(runs) == 3 * 2 * 5  # noise kinds x rates x methods, one seed
+    # r = 0 is the same clean setting for both 10-class kinds: trained once, reported twice
+    clean = {kind: [run["test_accuracy"] for run in runs
+                    if run["noise"] == kind and run["rate"] == 0.0] for kind in ("pairflip",
+                                                                                 "uniform")}
+    assert clean["pairflip"] == clean["uniform"]
+    assert all(run["train_noise_rate"] > 0.5 for run in runs
+               if run["noise"] == "uniform" and run["rate"] == 0.7)
     assert {run["method"] for run in runs} == {"ce", "fw", "gce", "lccn", "dmi"}
     assert all(math.isfinite(run["test_accuracy"]) for run in runs)
     assert {run["dataset"] for run in runs if run["noise"] == "binary3"} == {"digits-binary"}

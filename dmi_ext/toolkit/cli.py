@@ -60,8 +60,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, default=1,
-                        help="CPU threads for torch (default: 1, the fastest for these small "
-                             "networks; results are reproducible for a fixed thread count)")
+                        help="CPU threads for torch (default: 1); the same seed and thread "
+                             "count give the same numbers")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show progress bars (default: when stderr is a terminal)")
 
@@ -178,7 +178,8 @@ def command_train(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} {v}" for k, v in rows[-1]["best_epochs"].items()) + ")",
               flush=True)
     accuracies = np.array([row["test_accuracy"] for row in rows])
-    print(f"{args.method} on {dataset.name}, noise {args.noise} r = {args.rate}: test accuracy "
+    setting = args.noise if args.noise in ("none", "matrix") else f"{args.noise} r = {args.rate}"
+    print(f"{args.method} on {dataset.name}, noise {setting}: test accuracy "
           f"{accuracies.mean():.2f} ± {accuracies.std():.2f} % over {len(rows)} seeds")
     if args.out:
         with open(args.out, "w") as handle:

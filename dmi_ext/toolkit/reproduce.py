@@ -64,6 +64,8 @@ def run_grid(grid: Grid, config: TrainConfig, progress: bool = False) -> List[di
     datasets = {name: load_dataset(name) for name in sorted(set(NOISE_KINDS[k]
                                                                 for k in grid.noise_kinds))}
     records = []
+    # Settings with the same matrix (r = 0 of every kind of one dataset) are trained once.
+    trained: Dict[Tuple[str, bytes, int], List[dict]] = {}
     bar = tqdm(total=grid.settings, desc="reproduce", disable=not progress) if tqdm else None
     for kind in grid.noise_kinds:
         dataset = datasets[NOISE_KINDS[kind]]
@@ -72,30 +74,38 @@ def run_grid(grid: Grid, config: TrainConfig, progress: bool = False) -> List[di
             for seed in grid.seeds:
                 if bar is not None:
                     bar.set_postfix_str(f"{kind} r={rate} seed={seed}")
-                splits = make_splits(dataset, T, seed, config.val_fraction, config.test_fraction)
-                warm = None
-                if any(method in WARM_STARTED for method in grid.methods):
-                    warm = warm_up(splits, config, seed)
-                for method in grid.methods:
-                    result = run_method(method, splits, config, seed, warm_start=warm)
-                    records.append({
-                        "noise": kind, "rate": rate, "seed": seed, "method": method,
-                        "dataset": dataset.name,
-                        "test_accuracy": result.test_accuracy,
-                        "train_noise_rate": splits.train.noise_rate,
-                        "val_noise_rate": splits.val.noise_rate,
-                        "phases": [{"name": log.name, "best_epoch": log.best_epoch,
-                                    # inf (every epoch singular) is stored as null
-                                    "best_criterion": finite_or_none(log.best_criterion),
-                                    "skipped_batches": log.skipped_batches}
-                                   for log in result.phases],
-                        "estimated_transition": result.estimated_transition,
-                    })
+                key = (dataset.name, T.tobytes(), seed)
+                if key not in trained:
+                    trained[key] = _train_setting(dataset, T, seed, grid.methods, config)
+                records += [{"noise": kind, "rate": rate, **run} for run in trained[key]]
                 if bar is not None:
                     bar.update()
     if bar is not None:
         bar.close()
     return records
+
+
+def _train_setting(dataset, T, seed: int, methods: Sequence[str],
+                   config: TrainConfig) -> List[dict]:
+    """Every method on one noisy split, sharing one CE warm-up."""
+    splits = make_splits(dataset, T, seed, config.val_fraction, config.test_fraction)
+    warm = warm_up(splits, config, seed) if set(methods) & set(WARM_STARTED) else None
+    runs = []
+    for method in methods:
+        result = run_method(method, splits, config, seed, warm_start=warm)
+        runs.append({
+            "seed": seed, "method": method, "dataset": dataset.name,
+            "test_accuracy": result.test_accuracy,
+            "train_noise_rate": splits.train.noise_rate,
+            "val_noise_rate": splits.val.noise_rate,
+            "phases": [{"name": log.name, "best_epoch": log.best_epoch,
+                        # inf (every epoch's validation matrix singular) is stored as null
+                        "best_criterion": finite_or_none(log.best_criterion),
+                        "skipped_batches": log.skipped_batches}
+                       for log in result.phases],
+            "estimated_transition": result.estimated_transition,
+        })
+    return runs
 
 
 def finite_or_none(value: float) -> Optional[float]:

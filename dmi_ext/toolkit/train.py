@@ -89,7 +89,7 @@ class PhaseLog:
     name: str
     best_epoch: int
     best_criterion: float
-    train_loss: List[float]
+    train_loss: List[Optional[float]]  # None where no batch was trained on
     val_criterion: List[float]
     skipped_batches: int  # batches whose loss was not finite (L_DMI of a batch missing a class)
 
@@ -138,7 +138,7 @@ def fit(model: nn.Module, phase: Phase, loader: Iterable, val_x: Tensor, val_y: 
         return finite_or_inf(criterion(predict_logits(model, val_x), val_y))
 
     val_history = [validate()]
-    train_history = [math.nan]  # no training before epoch 1
+    train_history: List[Optional[float]] = [None]  # no training before epoch 1
     best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
     skipped = 0
     epochs = range(1, phase.epochs + 1)
@@ -161,12 +161,12 @@ def fit(model: nn.Module, phase: Phase, loader: Iterable, val_x: Tensor, val_y: 
             optimizer.step()
             total += float(loss.detach())
             count += 1
-        train_history.append(total / count if count else math.nan)
+        train_history.append(total / count if count else None)  # None: every batch skipped
         val_history.append(validate())
         if val_history[-1] < val_history[best_epoch]:
             best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
         if progress and tqdm is not None:
-            epochs.set_postfix(train=f"{train_history[-1]:.4g}", val=f"{val_history[-1]:.4g}")
+            epochs.set_postfix(train=train_history[-1], val=f"{val_history[-1]:.4g}")
     model.load_state_dict(best_state)
     return PhaseLog(phase.name, best_epoch, val_history[best_epoch], train_history, val_history,
                     skipped)
