@@ -7,6 +7,6 @@
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 out=runs
-python -m dmi_ext reproduce --quick --out "$out/reproduce-quick" "$@"
+python -m dmi_ext reproduce --quick "$@"
 python -m benchmarks.report --budget 1 --out "$out/speed"
 echo "results: $out/reproduce-quick (table, JSON, plot) and $out/speed (speed report)"

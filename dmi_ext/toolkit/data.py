@@ -1,0 +1,282 @@
+"""Data for the experiments: bundled digits, user files, noise settings, and the noisy splits.
+
+A ``Dataset`` is features plus clean integer labels 0..C-1. It comes from scikit-learn's bundled
+``load_digits`` (no download: the 10-class task, or the binary task "digit 0 vs the rest", a 10 % /
+90 % split like the paper's bags vs clothes) or from a user's ``.npz`` / ``.csv`` file.
+``make_splits`` cuts it into stratified train / validation / test parts, standardises the
+features with training statistics, and corrupts the training and validation labels (never the
+test labels) with a transition matrix from ``noise_transition``.
+"""
+
+import csv
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..noise import (binary_case_matrix, corrupt_labels, pair_flip_matrix, uniform_noise_matrix,
+                     validate_transition_matrix)
+
+BUILTIN_DATASETS = ("digits", "digits-binary")
+
+# Digit pairs that look alike, flipped like the paper's CIFAR-10 pairs (truck -> automobile, ...).
+DIGIT_PAIRS = ((7, 1), (3, 8), (5, 6), (4, 9))
+
+# noise kind -> the built-in dataset it is meant for (the binary cases need two classes).
+NOISE_KINDS = {
+    "uniform": "digits",
+    "pairflip": "digits",
+    "binary1": "digits-binary",
+    "binary2": "digits-binary",
+    "binary3": "digits-binary",
+}
+
+
+class Dataset(NamedTuple):
+    """Features (N, *sample_shape) float32, clean labels (N,) int64 in [0, C), class names."""
+
+    x: np.ndarray
+    y: np.ndarray
+    class_names: Tuple[str, ...]
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One split: standardised features, the labels to learn from, and the clean labels."""
+
+    x: torch.Tensor  # float32 (n, *sample_shape)
+    y: torch.Tensor  # int64 (n,): noisy for train / validation, clean for test
+    clean_y: torch.Tensor  # int64 (n,)
+
+    @property
+    def noise_rate(self) -> float:
+        return float((self.y != self.clean_y).double().mean()) if len(self.y) else 0.0
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Part
+    val: Part
+    test: Part
+    transition: np.ndarray  # the T the labels were drawn from
+    class_names: Tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def sample_shape(self) -> Tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+
+def _require_sklearn():
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise ImportError("the dmi_ext toolkit needs scikit-learn: pip install scikit-learn "
+                          "(or pip install 'dmi_ext[toolkit]')") from None
+
+
+def load_builtin(name: str) -> Dataset:
+    """``digits``: 1797 8 x 8 images, 10 classes. ``digits-binary``: class 0 = digit 0 (10 %),
+    class 1 = any other digit (90 %)."""
+    _require_sklearn()
+    from sklearn.datasets import load_digits
+
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"argument 'name' must be one of {BUILTIN_DATASETS}, got {name!r}")
+    digits = load_digits()
+    x = digits.images.astype(np.float32)  # (1797, 8, 8), image-shaped so a CNN can use it
+    y = digits.target.astype(np.int64)
+    if name == "digits":
+        return Dataset(x, y, tuple(str(k) for k in range(10)), name)
+    return Dataset(x, (y != 0).astype(np.int64), ("digit 0", "digits 1-9"), name)
+
+
+def _labels_from(values: np.ndarray, source: str) -> Tuple[np.ndarray, Tuple[str, ...]]:
+    """Maps integer-valued labels to 0..C-1 (sorted), returning the original values as names."""
+    if values.dtype.kind == "f":
+        if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+            bad = values[~np.isfinite(values) | (values != np.round(values))][0]
+            raise ValueError(f"{source}: labels must be integers, found {bad.item()!r}")
+        values = values.astype(np.int64)
+    elif values.dtype.kind not in "iu":
+        raise ValueError(f"{source}: labels must be integers, got dtype {values.dtype}")
+    classes, y = np.unique(values, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"{source}: labels must have at least 2 distinct classes, found "
+                         f"{[int(c) for c in classes]}")
+    return y.astype(np.int64).ravel(), tuple(str(int(c)) for c in classes)
+
+
+def _features_from(x: np.ndarray, n: int, source: str) -> np.ndarray:
+    if x.dtype.kind not in "iuf" or x.ndim < 2:
+        raise ValueError(f"{source}: 'X' must be a numeric array of shape (N, features) or "
+                         f"(N, [channels,] height, width), got dtype {x.dtype} shape {x.shape}")
+    if x.shape[0] != n:
+        raise ValueError(f"{source}: 'X' has {x.shape[0]} rows but 'y' has {n} labels")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        row = int(np.argwhere(~np.isfinite(x))[0][0])
+        raise ValueError(f"{source}: 'X' has a non-finite value in row {row}")
+    return x
+
+
+def _load_npz(path: str) -> Dataset:
+    if not zipfile.is_zipfile(path):  # else np.load would try it as a pickle and say so
+        raise ValueError(f"{path}: not a readable .npz archive (save it with numpy.savez)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            if not {"X", "y"} <= keys:
+                raise ValueError(f"{path}: an .npz dataset needs arrays 'X' and 'y', found "
+                                 f"{sorted(keys)}")
+            x, y = archive["X"], archive["y"]
+    except ValueError as err:
+        if "allow_pickle" in str(err) or "Object arrays" in str(err):
+            raise ValueError(f"{path}: holds Python objects; save 'X' and 'y' as plain numeric "
+                             "arrays (object arrays are not loaded, for safety)") from None
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a readable .npz archive ({err})") from None
+    if y.ndim != 1:
+        raise ValueError(f"{path}: 'y' must be 1-D (one label per row), got shape {y.shape}")
+    labels, names = _labels_from(y, path)
+    return Dataset(_features_from(x, len(labels), path), labels, names, os.path.basename(path))
+
+
+def _load_csv(path: str) -> Dataset:
+    """Numeric CSV, one sample per row, the label in the last column, an optional header row."""
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    if not rows:
+        raise ValueError(f"{path}: the CSV file is empty")
+
+    def numbers(row):
+        try:
+            return [float(cell) for cell in row]
+        except ValueError:
+            return None
+
+    first_line = 1
+    if numbers(rows[0]) is None:  # a header
+        rows, first_line = rows[1:], 2
+    if not rows:
+        raise ValueError(f"{path}: the CSV file has a header but no data rows")
+    width = len(rows[0])
+    if width < 2:
+        raise ValueError(f"{path}: each row needs at least one feature and a label (last "
+                         f"column), line {first_line} has {width} column")
+    values = np.empty((len(rows), width), dtype=np.float64)
+    for k, row in enumerate(rows):
+        line = first_line + k
+        if len(row) != width:
+            raise ValueError(f"{path}: line {line} has {len(row)} columns, expected {width}")
+        parsed = numbers(row)
+        if parsed is None:
+            bad = next(cell for cell in row if numbers([cell]) is None)
+            raise ValueError(f"{path}: line {line}: {bad!r} is not a number")
+        values[k] = parsed
+    labels, names = _labels_from(values[:, -1], path)
+    return Dataset(_features_from(values[:, :-1], len(labels), path), labels, names,
+                   os.path.basename(path))
+
+
+def load_dataset(source: str) -> Dataset:
+    """A built-in dataset by name (``digits``, ``digits-binary``) or a ``.npz`` / ``.csv`` path."""
+    if source in BUILTIN_DATASETS:
+        return load_builtin(source)
+    extension = os.path.splitext(source)[1].lower()
+    if extension not in (".npz", ".csv"):
+        raise ValueError(f"argument 'data' must be one of {BUILTIN_DATASETS} or a .npz / .csv "
+                         f"file, got {source!r}")
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"argument 'data': no such file {source!r}")
+    return _load_npz(source) if extension == ".npz" else _load_csv(source)
+
+
+def noise_transition(kind: str, num_classes: int, rate: float,
+                     pairs: Sequence[Tuple[int, int]] = DIGIT_PAIRS,
+                     matrix: Optional[np.ndarray] = None) -> np.ndarray:
+    """The transition matrix of a named noise kind (``NOISE_KINDS``, ``none`` or ``matrix``)."""
+    if kind == "none":
+        return np.eye(num_classes)
+    if kind == "uniform":
+        return uniform_noise_matrix(num_classes, rate)
+    if kind == "pairflip":
+        return pair_flip_matrix(num_classes, pairs, rate)
+    if kind in ("binary1", "binary2", "binary3"):
+        if num_classes != 2:
+            raise ValueError(f"noise {kind!r} is for 2 classes, the data has {num_classes} "
+                             "(use --data digits-binary or a two-class file)")
+        return binary_case_matrix(int(kind[-1]), rate)
+    if kind == "matrix":
+        if matrix is None:
+            raise ValueError("noise 'matrix' needs a transition matrix (--transition FILE)")
+        T = validate_transition_matrix(matrix, "transition")
+        if T.shape[0] != num_classes:
+            raise ValueError(f"argument 'transition' is {T.shape[0]} x {T.shape[0]} but the data "
+                             f"has {num_classes} classes")
+        return T
+    raise ValueError(f"argument 'noise' must be one of {('none', *NOISE_KINDS, 'matrix')}, "
+                     f"got {kind!r}")
+
+
+def stratified_indices(y: np.ndarray, val_fraction: float, test_fraction: float,
+                       seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train / validation / test row indices with each class in the same proportion in each."""
+    _require_sklearn()
+    from sklearn.model_selection import train_test_split
+
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"argument '{name}' must be in (0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"arguments 'val_fraction' + 'test_fraction' must be < 1, got "
+                         f"{val_fraction} + {test_fraction}")
+    rows = np.arange(len(y))
+    try:
+        rest, test = train_test_split(rows, test_size=test_fraction, stratify=y,
+                                      random_state=seed)
+        train, val = train_test_split(rest, test_size=val_fraction / (1.0 - test_fraction),
+                                      stratify=y[rest], random_state=seed)
+    except ValueError as err:
+        counts = np.bincount(y)
+        raise ValueError(f"cannot split {len(y)} samples into stratified train / validation / "
+                         f"test parts (smallest class has {counts.min()} samples): {err}") from None
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def make_splits(dataset: Dataset, transition, seed: int, val_fraction: float = 0.2,
+                test_fraction: float = 0.2) -> Splits:
+    """Stratified split, features standardised with training statistics, noisy train / val labels.
+
+    The split, and the noise, depend on ``seed`` only. Features with no spread on the training
+    part (e.g. the always-blank corner pixels of digits) are centred, not scaled.
+    """
+    T = validate_transition_matrix(transition, "transition")
+    if T.shape[0] != dataset.num_classes:
+        raise ValueError(f"argument 'transition' is {T.shape[0]} x {T.shape[0]} but dataset "
+                         f"{dataset.name!r} has {dataset.num_classes} classes")
+    train, val, test = stratified_indices(dataset.y, val_fraction, test_fraction, seed)
+    mean = dataset.x[train].mean(axis=0)
+    std = dataset.x[train].std(axis=0)
+    std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+    rng = np.random.default_rng([seed, 1])  # its own stream: the noise does not shift the split
+
+    def part(rows, noisy):
+        x = torch.from_numpy((dataset.x[rows] - mean) / std)
+        clean = dataset.y[rows]
+        y = corrupt_labels(clean, T, rng).labels if noisy else clean
+        return Part(x, torch.from_numpy(y), torch.from_numpy(clean))
+
+    return Splits(part(train, True), part(val, True), part(test, False), T, dataset.class_names)
