@@ -41,8 +41,12 @@ Layout check_inputs(const at::Tensor& input, const at::Tensor& target);
 void check_eps(double eps);
 void check_reduction(int64_t reduction);
 void check_joint(const at::Tensor& sums, const at::Tensor& counts);
-void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad_table, const Layout& layout,
-                    int64_t reduction);
+// All the checks of the fused forward (inputs, eps, reduction) and of the backward op (inputs,
+// reduction, grad_loss, grad_table), in the order every device runs them.
+Layout check_forward(const at::Tensor& input, const at::Tensor& target, double eps,
+                     int64_t reduction);
+Layout check_backward(const at::Tensor& grad_loss, const at::Tensor& input,
+                      const at::Tensor& target, const at::Tensor& grad_table, int64_t reduction);
 
 // Element strides of input read as (slices, N, C) and of target read as (matrices, N); a
 // dimension the tensor lacks has stride 0. Kernels index raw pointers with these (no views).

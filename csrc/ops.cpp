@@ -106,8 +106,18 @@ void check_joint(const at::Tensor& sums, const at::Tensor& counts) {
                     sums.sizes().slice(0, sums.dim() - 2));
 }
 
-void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad_table, const Layout& L,
-                    int64_t reduction) {
+Layout check_forward(const at::Tensor& input, const at::Tensor& target, double eps,
+                     int64_t reduction) {
+  const Layout L = check_inputs(input, target);
+  check_eps(eps);
+  check_reduction(reduction);
+  return L;
+}
+
+Layout check_backward(const at::Tensor& grad_loss, const at::Tensor& input,
+                      const at::Tensor& target, const at::Tensor& grad_table, int64_t reduction) {
+  const Layout L = check_inputs(input, target);
+  check_reduction(reduction);
   const int64_t G = L.matrices(), C = L.classes;
   TORCH_CHECK_TYPE(grad_table.scalar_type() == at::kDouble,
                    "dmi_ext: argument 'grad_table' must be float64, got ",
@@ -121,8 +131,11 @@ void check_backward(const at::Tensor& grad_loss, const at::Tensor& grad_table, c
   const int64_t expected = reduction == kReductionNone ? G : 1;
   TORCH_CHECK_VALUE(grad_loss.numel() == expected, "dmi_ext: argument 'grad_loss' has ",
                     grad_loss.numel(), " elements, expected ", expected);
-  TORCH_CHECK_VALUE(grad_loss.device() == grad_table.device(),
-                    "dmi_ext: arguments 'grad_loss' and 'grad_table' must be on the same device");
+  TORCH_CHECK_VALUE(grad_loss.device() == input.device() && grad_table.device() == input.device(),
+                    "dmi_ext: arguments 'grad_loss', 'grad_table' and 'input' must be on the same "
+                    "device, got ", grad_loss.device(), ", ", grad_table.device(), " and ",
+                    input.device());
+  return L;
 }
 
 Strides strides_of(const at::Tensor& input, const at::Tensor& target, const Layout& layout) {

@@ -166,9 +166,7 @@ void backward_double(const BackwardArgs<double, index_t>& a) {
 at::Tensor dmi_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
                             const at::Tensor& target, const at::Tensor& grad_table,
                             bool from_logits, int64_t ignore_index, int64_t reduction) {
-  const Layout L = check_inputs(input, target);
-  check_reduction(reduction);
-  check_backward(grad_loss, grad_table, L, reduction);
+  const Layout L = check_backward(grad_loss, input, target, grad_table, reduction);
   const int64_t G = L.matrices();
   std::vector<double> scales(G);
   AT_DISPATCH_FLOATING_TYPES(grad_loss.scalar_type(), "dmi_ext_grad_scale", [&] {

@@ -22,9 +22,7 @@ void write_as(const at::Tensor& out, const double* values, int64_t n) {
 LossOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from_logits,
                     bool normalize, double eps, int64_t ignore_index, int64_t reduction,
                     bool validate) {
-  const Layout L = check_inputs(input, target);
-  check_eps(eps);
-  check_reduction(reduction);
+  const Layout L = check_forward(input, target, eps, reduction);
   const int64_t G = L.matrices(), C = L.classes;
   std::vector<double> sums(G * C * C, 0.0);
   std::vector<int64_t> counts(G, 0);

@@ -183,12 +183,7 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& input, const
 at::Tensor dmi_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input,
                              const at::Tensor& target, const at::Tensor& grad_table,
                              bool from_logits, int64_t ignore_index, int64_t reduction) {
-  const Layout L = check_inputs(input, target);
-  check_reduction(reduction);
-  check_backward(grad_loss, grad_table, L, reduction);
-  TORCH_CHECK_VALUE(grad_table.device() == input.device(),
-                    "dmi_ext: arguments 'grad_table' and 'input' must be on the same device, got ",
-                    grad_table.device(), " and ", input.device());
+  const Layout L = check_backward(grad_loss, input, target, grad_table, reduction);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor table = grad_table.contiguous();
   at::Tensor go = grad_loss.reshape({-1});

@@ -59,9 +59,7 @@ namespace {
 LossOutputs dmi_cuda(const at::Tensor& input, const at::Tensor& target, bool from_logits,
                      bool normalize, double eps, int64_t ignore_index, int64_t reduction,
                      bool validate) {
-  const Layout L = check_inputs(input, target);
-  check_eps(eps);
-  check_reduction(reduction);
+  const Layout L = check_forward(input, target, eps, reduction);
   const c10::cuda::CUDAGuard guard(input.device());
   check_validate_allowed(validate);
   const std::vector<int64_t> mshape = matrix_shape(L);
