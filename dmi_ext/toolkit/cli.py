@@ -1,9 +1,10 @@
 """``python -m dmi_ext``: the ``train`` and ``reproduce`` commands.
 
 ``train`` runs one method on one noise setting for several seeds and prints the clean test
-accuracy (mean ± std); ``reproduce`` runs the paper's grid on digits and writes a JSON file, a
-markdown table and a plot. Both expose every ``TrainConfig`` hyperparameter as an option, fix
-the number of CPU threads (same seed, same threads -> same numbers) and show progress bars.
+accuracy (mean ± std), in one process or data-parallel in ``--nproc`` processes; ``reproduce``
+runs the paper's grid on digits and writes a JSON file, a markdown table and a plot. Both expose
+every ``TrainConfig`` hyperparameter as an option, fix the number of CPU threads (same seed, same
+threads -> same numbers) and show progress bars.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import torch
 from .data import DIGIT_PAIRS, NOISE_KINDS, load_dataset, make_splits, noise_transition
 from .methods import FW_TRANSITIONS, METHODS, run_method
 from .models import MODELS
+from .parallel import rank_and_world, run_data_parallel
 from .reproduce import FULL_GRID, QUICK_GRID, Grid, reproduce
 from .train import TrainConfig
 
@@ -108,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "(default: 0)")
     train.add_argument("--out", default=None, help="also write the per-seed results to this "
                                                    "JSON file")
+    train.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                       help="train data-parallel in N processes spawned on this machine "
+                            "(torch.distributed with gloo, CPU; the model under "
+                            "DistributedDataParallel, L_DMI over the global batch). "
+                            "--batch-size and --dmi-batch-size stay the global batch (for L_DMI, "
+                            "the rows U is formed over), of which each process takes an equal "
+                            "share (to a row), so the results equal one process's up to "
+                            "floating-point rounding; --threads applies to each process "
+                            "(default: 1, no process group)")
     _add_run_options(train)
     _add_config_options(train)
 
@@ -156,13 +167,23 @@ def _load_transition(path: str) -> np.ndarray:
         raise SystemExit(f"error: cannot read --transition {path!r}: {err}") from None
 
 
-def command_train(args: argparse.Namespace) -> int:
-    config = _config(args)
-    data = args.data or NOISE_KINDS.get(args.noise, "digits")
-    dataset = load_dataset(data)  # bad files fail here, before torch is configured
-    matrix = _load_transition(args.transition) if args.noise == "matrix" else None
-    T = noise_transition(args.noise, dataset.num_classes, args.rate, args.pairs, matrix)
-    progress = _setup(args)
+def _check_nproc(nproc: int, method: str, config: TrainConfig) -> None:
+    """Every process needs a share of every batch: fail before spawning anything."""
+    sizes = {"--batch-size": config.batch_size}
+    if method == "dmi":
+        sizes["--dmi-batch-size"] = config.dmi_batch_size
+    too_small = [f"{option} {size}" for option, size in sizes.items() if size < nproc]
+    if too_small:
+        raise ValueError(f"argument --nproc: {nproc} processes share every batch, so batches "
+                         f"need at least {nproc} rows, got " + " and ".join(too_small))
+
+
+def _train_seeds(args: argparse.Namespace, dataset, T: np.ndarray,
+                 config: TrainConfig) -> List[dict]:
+    """Every seed of a ``train`` command, in this process (one rank of a data-parallel run, or
+    the only process); one row per seed, and a line per seed printed by rank 0."""
+    rank, _ = rank_and_world()
+    progress = _setup(args) and rank == 0
     rows: List[dict] = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         splits = make_splits(dataset, T, seed, config.val_fraction, config.test_fraction)
@@ -173,18 +194,35 @@ def command_train(args: argparse.Namespace) -> int:
                      "best_epochs": {log.name: log.best_epoch for log in result.phases},
                      "estimated_transition": result.estimated_transition,
                      "seconds": time.perf_counter() - start})
-        print(f"seed {seed}: test accuracy {result.test_accuracy:.2f} % (training labels "
-              f"{100 * splits.train.noise_rate:.1f} % noisy, best epochs "
-              + ", ".join(f"{k} {v}" for k, v in rows[-1]["best_epochs"].items()) + ")",
-              flush=True)
+        if rank == 0:
+            print(f"seed {seed}: test accuracy {result.test_accuracy:.2f} % (training labels "
+                  f"{100 * splits.train.noise_rate:.1f} % noisy, best epochs "
+                  + ", ".join(f"{k} {v}" for k, v in rows[-1]["best_epochs"].items()) + ")",
+                  flush=True)
+    return rows
+
+
+def command_train(args: argparse.Namespace) -> int:
+    config = _config(args)
+    data = args.data or NOISE_KINDS.get(args.noise, "digits")
+    dataset = load_dataset(data)  # bad files fail here, before torch is configured
+    matrix = _load_transition(args.transition) if args.noise == "matrix" else None
+    T = noise_transition(args.noise, dataset.num_classes, args.rate, args.pairs, matrix)
+    _check_nproc(args.nproc, args.method, config)
+    if args.nproc == 1:
+        rows = _train_seeds(args, dataset, T, config)
+    else:
+        rows = run_data_parallel(args.nproc, _train_seeds, args, dataset, T, config)
     accuracies = np.array([row["test_accuracy"] for row in rows])
     setting = args.noise if args.noise in ("none", "matrix") else f"{args.noise} r = {args.rate}"
+    processes = f" ({args.nproc} processes)" if args.nproc > 1 else ""
     print(f"{args.method} on {dataset.name}, noise {setting}: test accuracy "
-          f"{accuracies.mean():.2f} ± {accuracies.std():.2f} % over {len(rows)} seeds")
+          f"{accuracies.mean():.2f} ± {accuracies.std():.2f} % over {len(rows)} seeds"
+          + processes)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"method": args.method, "data": data, "noise": args.noise,
-                       "rate": args.rate, "transition": T.tolist(),
+                       "rate": args.rate, "transition": T.tolist(), "nproc": args.nproc,
                        "config": config.to_dict(), "runs": rows}, handle, indent=1)
     return 0
 

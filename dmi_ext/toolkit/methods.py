@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import DMILoss, joint_matrix
 from .data import Splits
 from .models import build_model, predict_logits
+from .parallel import rank_and_world
 from .train import Batches, Phase, PhaseLog, TrainConfig, accuracy, derived_seed, fit
 
 METHODS = ("ce", "fw", "gce", "lccn", "dmi")
@@ -160,8 +161,11 @@ def new_model(splits: Splits, config: TrainConfig, seed: int) -> nn.Module:
 def train_phase(model: nn.Module, phase: Phase, splits: Splits, config: TrainConfig, seed: int,
                 batch_size: int, progress: bool = False) -> PhaseLog:
     """One phase on the training split, selected on the validation split; the batch order
-    depends on the seed and the phase's name only."""
-    loader = Batches(splits.train.x, splits.train.y, batch_size, derived_seed(seed, phase.name))
+    depends on the seed and the phase's name only (in a data-parallel run, each rank takes its
+    share of every batch)."""
+    rank, world = rank_and_world()
+    loader = Batches(splits.train.x, splits.train.y, batch_size, derived_seed(seed, phase.name),
+                     rank=rank, world=world)
     return fit(model, phase, loader, splits.val.x, splits.val.y,
                weight_decay=config.weight_decay, progress=progress)
 

@@ -3,10 +3,10 @@
 A method is one or more ``Phase``s: a loss module, an optional label hook (LCCN trains on sampled
 labels instead of the given ones), and a validation criterion (lower is better, computed on the
 noisy validation split). ``fit`` runs a phase over a loader of ``(x, y, index)`` batches and keeps
-the weights of the epoch with the best criterion, counting the starting weights as epoch 0. The
-model, the loss module and the loader all come from the caller, so a data-parallel run can pass a
-``DistributedDataParallel`` model, a distributed loss and a sharded loader without touching the
-loop.
+the weights of the epoch with the best criterion, counting the starting weights as epoch 0. In a
+data-parallel run (a process group of several processes) the same loop trains through DDP on
+each rank's share of every batch, with the loss and the label hook lifted to the global batch
+(``parallel.for_global_batch``); validation and selection stay local, on identical weights.
 """
 
 import copy
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .models import predict_logits
+from .parallel import for_global_batch
 
 try:
     from tqdm.auto import tqdm
@@ -41,7 +42,8 @@ class TrainConfig:
     model: str = _option("mlp", "network: 'mlp' (any data) or 'cnn' (image-shaped data)")
     hidden: int = _option(128, "width of the hidden layers")
     batch_size: int = _option(128, "mini-batch size for CE, FW, GCE and LCCN (the last partial "
-                                   "batch is spread over the others, so batches hold at least this)")
+                                   "batch is spread over the others, so batches hold at least "
+                                   "this; with --nproc, the rows of all processes together)")
     weight_decay: float = _option(1e-4, "Adam weight decay, all phases")
     ce_epochs: int = _option(40, "epochs of cross-entropy: the CE method, and the warm-up that "
                                  "FW, LCCN and DMI start from")
@@ -60,7 +62,8 @@ class TrainConfig:
     dmi_epochs: int = _option(30, "epochs of L_DMI after the warm-up")
     dmi_lr: float = _option(1e-3, "Adam learning rate of L_DMI")
     dmi_batch_size: int = _option(256, "mini-batch size of L_DMI (small batches make the joint "
-                                       "matrix badly conditioned; the paper uses 128 or 256)")
+                                       "matrix badly conditioned; the paper uses 128 or 256; "
+                                       "with --nproc, the global batch U is formed over)")
     val_fraction: float = _option(0.2, "fraction of the data held out for (noisy) validation")
     test_fraction: float = _option(0.2, "fraction of the data held out for (clean) testing")
 
@@ -99,12 +102,22 @@ class Batches:
 
     ``len(x) // batch_size`` batches of near-equal size (at least ``batch_size`` rows each, all
     rows used every epoch): a short last batch would give L_DMI a badly conditioned matrix.
+    With ``world`` > 1 processes, every rank draws the same order and yields its contiguous
+    slice (``rank`` of ``world`` near-equal slices) of each of these batches, so the ranks'
+    slices of the b-th batch, in rank order, are exactly the b-th batch of one process.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int):
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int, *, rank: int = 0,
+                 world: int = 1):
         if batch_size < 1:
             raise ValueError(f"argument 'batch_size' must be >= 1, got {batch_size}")
+        if not 0 <= rank < world:
+            raise ValueError(f"argument 'rank' must be in [0, world = {world}), got {rank}")
+        if min(batch_size, len(x)) < world:
+            raise ValueError(f"argument 'batch_size': batches of {min(batch_size, len(x))} rows "
+                             f"cannot be shared by {world} processes (each needs a row)")
         self.x, self.y, self.batch_size = x, y, batch_size
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -112,7 +125,8 @@ class Batches:
 
     def __iter__(self) -> Iterable[Tuple[Tensor, Tensor, Tensor]]:
         order = torch.randperm(len(self.x), generator=self.generator)
-        for index in order.tensor_split(len(self)):
+        for batch in order.tensor_split(len(self)):
+            index = batch.tensor_split(self.world)[self.rank]
             yield self.x[index], self.y[index], index
 
 
@@ -128,10 +142,16 @@ def finite_or_inf(value: float) -> float:
 
 def fit(model: nn.Module, phase: Phase, loader: Iterable, val_x: Tensor, val_y: Tensor, *,
         weight_decay: float = 0.0, progress: bool = False) -> PhaseLog:
-    """Trains ``model`` in place for ``phase.epochs`` epochs; leaves it at the best epoch."""
+    """Trains ``model`` in place for ``phase.epochs`` epochs; leaves it at the best epoch.
+
+    Under a process group of several processes, ``loader`` yields this rank's share of each
+    batch and every rank must call ``fit`` alike; the validation criterion uses ``phase.loss``
+    as given, on the whole validation split, so every rank selects the same epoch.
+    """
     optimizer = torch.optim.Adam(model.parameters(), lr=phase.lr, weight_decay=weight_decay,
                                  foreach=True)
     criterion = phase.criterion or (lambda logits, y: float(phase.loss(logits, y)))
+    replica, train_loss, relabel = for_global_batch(model, phase.loss, phase.relabel)
 
     def validate() -> float:
         model.eval()
@@ -148,12 +168,13 @@ def fit(model: nn.Module, phase: Phase, loader: Iterable, val_x: Tensor, val_y: 
         model.train()
         total, count = 0.0, 0
         for x, y, index in loader:
-            logits = model(x)
-            targets = y if phase.relabel is None else phase.relabel(logits.detach(), y, index)
-            loss = phase.loss(logits, targets)
+            logits = replica(x)
+            targets = y if relabel is None else relabel(logits.detach(), y, index)
+            loss = train_loss(logits, targets)
             if not torch.isfinite(loss):
                 # L_DMI is +inf with a zero gradient when a class is missing from the batch:
                 # there is nothing to learn from it, and an Adam step would only replay momentum.
+                # (The loss is that of the global batch, so every rank skips alike.)
                 skipped += 1
                 continue
             optimizer.zero_grad(set_to_none=True)
