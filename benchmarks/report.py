@@ -68,9 +68,14 @@ class Timer:
 
 
 def callables(shape, device):
-    """name -> (forward fn, forward+backward fn) for every variant and the two floors."""
+    """name -> (forward fn, forward+backward fn) for every variant and the two floors, and the
+    function that drops the gradient the forward+backward functions accumulate."""
     z, y = shape.make(device)
     zg = z.clone().requires_grad_(True)
+
+    def drop_grad():
+        zg.grad = None
+
     out = {}
     for name, fn in variants.VARIANTS.items():
         def fwd(fn=fn):
@@ -78,7 +83,7 @@ def callables(shape, device):
                 fn(z, y)
 
         def fwd_bwd(fn=fn):
-            zg.grad = None
+            drop_grad()
             fn(zg, y).backward()
 
         out[name] = (fwd, fwd_bwd)
@@ -88,12 +93,12 @@ def callables(shape, device):
             torch.softmax(z, -1)
 
     def autograd_floor():
-        zg.grad = None
+        drop_grad()
         zg.sum().backward()
 
     out["softmax"] = (softmax, softmax)
     out["autograd floor"] = (autograd_floor, autograd_floor)
-    return out
+    return out, drop_grad
 
 
 def measure(fns, timer, budget_s, min_rounds=5, max_rounds=300):
@@ -112,8 +117,11 @@ def measure(fns, timer, budget_s, min_rounds=5, max_rounds=300):
     return {n: statistics.median(s) for n, s in samples.items()}, rounds
 
 
-def peak_memory(fn, device) -> int:
-    """Peak bytes allocated through PyTorch's allocator during fn (forward + backward)."""
+def peak_memory(fn, device, before) -> int:
+    """Peak bytes allocated through PyTorch's allocator during fn (forward + backward), above
+    what was live when it started; `before` runs first, unmeasured (it frees the last gradient,
+    whose release would otherwise offset the new one)."""
+    before()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -137,12 +145,13 @@ def run(shapes, device, budget_s):
     timer = Timer(device)
     rows = []
     for shape in shapes:
-        fns = callables(shape, device)
+        fns, drop_grad = callables(shape, device)
         row = {"shape": shape.name, "N": shape.N, "C": shape.C, "B": shape.B, "M": shape.M}
         for mode, index in (("forward", 0), ("forward+backward", 1)):
             medians, rounds = measure({n: f[index] for n, f in fns.items()}, timer, budget_s)
             row[mode] = {"median_s": medians, "rounds": rounds}
-        row["peak_bytes"] = {n: peak_memory(fns[n][1], device) for n in ("native", "fused")}
+        row["peak_bytes"] = {n: peak_memory(fns[n][1], device, drop_grad)
+                             for n in ("native", "fused")}
         rows.append(row)
         print(f"  measured {shape.name}", file=sys.stderr, flush=True)
     return rows
@@ -165,7 +174,7 @@ def table(rows, mode):
                 f"{m['fused'] / m['softmax']:.2f} | {ms(m['autograd floor'])} |")
         if mode == "forward+backward":
             p = r["peak_bytes"]
-            line += f" {p['native'] / 2**20:.1f} | {p['fused'] / 2**20:.1f} |"
+            line += f" {p['native'] / 2**20:.2f} | {p['fused'] / 2**20:.2f} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -196,6 +205,7 @@ def plot(rows, path, title):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     singles = [r for r in rows if not r["B"] and not r["M"]]
@@ -206,6 +216,9 @@ def plot(rows, path, title):
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    times = FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.yaxis.set_major_formatter(times)
+    ax.yaxis.set_minor_formatter(times)
     ax.set_xlabel("N (rows per batch)")
     ax.set_ylabel("speed-up over native (forward + backward)")
     ax.set_title(title, fontsize=9)

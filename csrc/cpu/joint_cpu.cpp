@@ -48,7 +48,9 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
   const int64_t K = chunks_per_slice(L, at::get_num_threads());
   // Partials of different tasks start on separate cache lines (no false sharing).
   const int64_t part_stride = (M * CC + 7) / 8 * 8;
-  std::vector<double> partial(K > 1 ? S * K * part_stride : 0);
+  const at::Tensor partials =
+      K > 1 ? at::zeros({S * K * part_stride}, input.options().dtype(at::kDouble)) : at::Tensor();
+  double* partial = K > 1 ? partials.data_ptr<double>() : nullptr;
   std::vector<int64_t> part_counts(K > 1 ? S * K * M : 0);
 
   const int64_t tasks = S * K;
@@ -64,7 +66,7 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t s = task / K, k = task % K;
       const int64_t r0 = N * k / K, r1 = N * (k + 1) / K;
-      double* dst = K > 1 ? partial.data() + task * part_stride : sums + s * M * CC;
+      double* dst = K > 1 ? partial + task * part_stride : sums + s * M * CC;
       std::fill(kept.begin(), kept.end(), 0);
       std::fill(invalid.begin(), invalid.end(), 0);
       for (int64_t r = r0; r < r1; r += TR) {
@@ -122,7 +124,7 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
     for (int64_t s = 0; s < S; ++s) {
       double* dst = sums + s * M * CC;
       for (int64_t k = 0; k < K; ++k) {
-        const double* src = partial.data() + (s * K + k) * part_stride;
+        const double* src = partial + (s * K + k) * part_stride;
         for (int64_t e = 0; e < M * CC; ++e) dst[e] += src[e];
         for (int64_t j = 0; j < M; ++j) counts[s * M + j] += part_counts[(s * K + k) * M + j];
       }

@@ -34,58 +34,121 @@ DMI_INLINE v4d load4(const double* p) {
 }
 DMI_INLINE void store4(double* p, v4d v) { std::memcpy(p, &v, sizeof v); }
 
+// Row operations of the Gauss-Jordan elimination below. Rows are padded with zeros to a multiple
+// of 4 (CP) so that every operation is whole vectors; a column that must be set, not updated, is
+// set through a lane mask, never by a scalar store: a scalar store followed by a vector load of
+// the same row stalls store forwarding, which cost more than the arithmetic.
+struct Lane {
+  int64_t chunk;  // first column of the vector holding the column
+  v4l mask;       // its lane in that vector
+  explicit Lane(int64_t col) : chunk(col / 4 * 4), mask(v4l{0, 1, 2, 3} == (col - col / 4 * 4)) {}
+  DMI_INLINE v4d set(int64_t c, v4d v, double value) const {
+    return c == chunk ? select(mask, v4d{} + value, v) : v;
+  }
+};
+
+DMI_INLINE int64_t pivot_search(const double* A, int64_t C, int64_t CP, int64_t k) {
+  int64_t p = k;
+  double best = std::abs(A[k * CP + k]);
+  for (int64_t r = k + 1; r < C; ++r) {
+    const double v = std::abs(A[r * CP + k]);
+    if (v > best) {
+      best = v;
+      p = r;
+    }
+  }
+  return p;
+}
+
+DMI_INLINE void swap_rows(double* a, double* b, int64_t CP) {
+  for (int64_t c = 0; c < CP; c += 4) {
+    const v4d t = load4(a + c);
+    store4(a + c, load4(b + c));
+    store4(b + c, t);
+  }
+}
+
+// Pivot row k: divided by the pivot, with 1/pivot in column k.
+DMI_INLINE void scale_pivot_row(double* rk, int64_t CP, const Lane& k, double inv) {
+  for (int64_t c = 0; c < CP; c += 4) store4(rk + c, k.set(c, load4(rk + c) * inv, inv));
+}
+
+// Another row eliminated by pivot row k (already scaled): rr -= f rk, and -f/pivot in column k.
+DMI_INLINE void eliminate(double* rr, const double* rk, int64_t CP, const Lane& k, double f,
+                          double inv) {
+  for (int64_t c = 0; c < CP; c += 4)
+    store4(rr + c, k.set(c, load4(rr + c) - f * load4(rk + c), -f * inv));
+}
+
 // A <- A^{-1} in place by Gauss-Jordan elimination with partial pivoting. Below the diagonal
 // this is exactly LU with partial pivoting, so the pivots are those of A's LU and their log|.|
-// sum to log|det A|; eliminating above the diagonal too leaves the inverse. A is C x C with rows
-// padded with zeros to a stride CP, a multiple of 4, so every row operation is whole vectors
-// (zeros stay zeros); kCP > 0 fixes CP at compile time for the common small C. Returns false at
-// the first pivot that is exactly zero: A is singular (SPEC §5) and left half-eliminated.
+// sum to log|det A|; eliminating above the diagonal too leaves the inverse. Pivots are taken two
+// at a time: the second pivot's column is updated alone, then every other row receives both
+// eliminations in one pass, which halves the passes over the matrix (the arithmetic, and so the
+// result, is that of one pivot at a time, up to the sign of zeros). kCP > 0 fixes the padded row
+// stride at compile time for the common small C. Returns false at the first pivot that is exactly
+// zero: A is singular (SPEC §5) and left half-eliminated.
 template <int64_t kCP>
 DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, int64_t* swaps,
                                   double* logabsdet) {
   const int64_t CP = kCP > 0 ? kCP : CP_runtime;
+  double saved_row[kFusedMaxClasses + 4];
   double lad = 0.0;
-  for (int64_t k = 0; k < C; ++k) {
-    int64_t p = k;
-    double best = std::abs(A[k * CP + k]);
-    for (int64_t r = k + 1; r < C; ++r) {
-      const double v = std::abs(A[r * CP + k]);
-      if (v > best) {
-        best = v;
-        p = r;
-      }
-    }
+  for (int64_t k = 0; k < C;) {
+    const int64_t p = pivot_search(A, C, CP, k);
     if (A[p * CP + k] == 0.0) return false;
     swaps[k] = p;
     double* rk = A + k * CP;
-    if (p != k) {
-      double* rp = A + p * CP;
-      for (int64_t c = 0; c < CP; c += 4) {
-        const v4d t = load4(rk + c);
-        store4(rk + c, load4(rp + c));
-        store4(rp + c, t);
-      }
-    }
+    if (p != k) swap_rows(rk, A + p * CP, CP);
     const double pivot = rk[k];
     lad += std::log(std::abs(pivot));
     const double inv = 1.0 / pivot;
-    // Column k is set through a lane mask, never by a scalar store: a scalar store followed by a
-    // vector load of the same row stalls store forwarding, which cost more than the arithmetic.
-    const int64_t ck = k / 4 * 4;
-    const v4l lane_k = v4l{0, 1, 2, 3} == (k - ck);
-    for (int64_t c = 0; c < CP; c += 4) {
-      const v4d v = load4(rk + c) * inv;
-      store4(rk + c, c == ck ? select(lane_k, v4d{} + inv, v) : v);
+    const Lane lane_k(k);
+    scale_pivot_row(rk, CP, lane_k, inv);
+    if (k + 1 == C) {  // the last pivot, alone
+      for (int64_t r = 0; r < C; ++r) {
+        const double f = A[r * CP + k];
+        if (r != k && f != 0.0) eliminate(A + r * CP, rk, CP, lane_k, f, inv);
+      }
+      break;
     }
-    for (int64_t r = 0; r < C; ++r) {
-      double* rr = A + r * CP;
-      const double f = rr[k];
-      if (r == k || f == 0.0) continue;
-      for (int64_t c = 0; c < CP; c += 4) {
-        const v4d v = load4(rr + c) - f * load4(rk + c);
-        store4(rr + c, c == ck ? select(lane_k, v4d{} - f * inv, v) : v);
+    // Pivot k + 1 among the rows below, on column k + 1 as step k leaves it.
+    const int64_t k1 = k + 1;
+    const double rk_k1 = rk[k1];
+    int64_t p1 = k1;
+    double best = -1.0;
+    for (int64_t r = k1; r < C; ++r) {
+      const double v = std::abs(A[r * CP + k1] - A[r * CP + k] * rk_k1);
+      if (v > best) {
+        best = v;
+        p1 = r;
       }
     }
+    double* r1 = A + k1 * CP;
+    if (p1 != k1) swap_rows(r1, A + p1 * CP, CP);
+    swaps[k1] = p1;
+    eliminate(r1, rk, CP, lane_k, r1[k], inv);  // row k + 1 through step k
+    const double pivot1 = r1[k1];
+    if (pivot1 == 0.0) return false;
+    lad += std::log(std::abs(pivot1));
+    const double inv1 = 1.0 / pivot1;
+    const Lane lane_k1(k1);
+    scale_pivot_row(r1, CP, lane_k1, inv1);
+    // Row k as step k left it, column k + 1 zeroed (step k + 1 sets that column itself).
+    for (int64_t c = 0; c < CP; c += 4) store4(saved_row + c, lane_k1.set(c, load4(rk + c), 0.0));
+    eliminate(rk, r1, CP, lane_k1, rk_k1, inv1);  // row k through step k + 1
+    for (int64_t r = 0; r < C; ++r) {
+      if (r == k || r == k1) continue;
+      double* rr = A + r * CP;
+      const double f = rr[k];
+      const double f1 = rr[k1] - f * rk_k1;  // column k + 1 after step k
+      if (f == 0.0 && f1 == 0.0) continue;
+      for (int64_t c = 0; c < CP; c += 4) {
+        const v4d v = lane_k1.set(c, lane_k.set(c, load4(rr + c), 0.0), 0.0);
+        store4(rr + c, v - f * load4(saved_row + c) - f1 * load4(r1 + c));
+      }
+    }
+    k += 2;
   }
   // The rows were swapped as they were eliminated: the inverse's columns swap back, last first.
   for (int64_t k = C - 1; k >= 0; --k) {

@@ -76,7 +76,9 @@ DMI_INLINE v8f exp_nonpositive(v8f x) {
   y = y * r + 0.4999915f;
   y = y * r + 0.99999972f;
   y = y * r + 1.0f;
-  const v8i two_n = ((v8i)nr - (v8i)round) << 23;
+  // nr's low mantissa bits hold n (two's complement); shifted into the exponent field they add n
+  // to y's exponent. The bits of `round` itself shift out (its low 9 mantissa bits are zero).
+  const v8i two_n = (v8i)nr << 23;
   const v8f result = (v8f)((v8i)y + two_n);
   return (v8f)((v8i)result & (x >= kExpLow));
 }
@@ -109,22 +111,33 @@ DMI_INLINE void softmax_row_exact(const T* x, T* e, T* rinv, int64_t C) {
 
 DMI_INLINE void softmax_rows_float(const float* X, float* E, float* rinv, int64_t rows,
                                    int64_t C) {
-  const int64_t n = rows * C, nv = n / 8 * 8;
-  v8f m8 = splat(-std::numeric_limits<float>::infinity());
+  const int64_t n = rows * C, nv = n / 8 * 8, nv4 = n / 32 * 32;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  // Four independent running maxima: one would chain every compare-and-blend on the last.
+  v8f m[4] = {splat(-kInf), splat(-kInf), splat(-kInf), splat(-kInf)};
   v8i bad = v8i{};
-  for (int64_t j = 0; j < nv; j += 8) {
-    const v8f v = load8(X + j);
-    m8 = select(v > m8, v, m8);
-    bad |= ~(v < std::numeric_limits<float>::infinity());  // NaN or +inf
+  for (int64_t j = 0; j < nv4; j += 32) {
+    for (int q = 0; q < 4; ++q) {
+      const v8f v = load8(X + j + 8 * q);
+      m[q] = select(v > m[q], v, m[q]);
+      bad |= ~(v < kInf);  // NaN or +inf
+    }
   }
-  float M = hmax(m8);
+  for (int64_t j = nv4; j < nv; j += 8) {
+    const v8f v = load8(X + j);
+    m[0] = select(v > m[0], v, m[0]);
+    bad |= ~(v < kInf);
+  }
+  m[0] = select(m[1] > m[0], m[1], m[0]);
+  m[2] = select(m[3] > m[2], m[3], m[2]);
+  float M = hmax(select(m[2] > m[0], m[2], m[0]));
   bool exact = false;
   for (int l = 0; l < 8; ++l) exact |= bad[l] != 0;
   for (int64_t j = nv; j < n; ++j) {
     M = X[j] > M ? X[j] : M;
-    exact |= !(X[j] < std::numeric_limits<float>::infinity());  // NaN or +inf
+    exact |= !(X[j] < kInf);  // NaN or +inf
   }
-  if (exact || M == -std::numeric_limits<float>::infinity()) {
+  if (exact || M == -kInf) {
     for (int64_t i = 0; i < rows; ++i) softmax_row_exact(X + i * C, E + i * C, rinv + i, C);
     return;
   }
