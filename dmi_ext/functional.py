@@ -6,7 +6,6 @@ shape the results; all maths, checks and gradients live in the compiled op.
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from ._ops import ops

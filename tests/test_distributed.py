@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import os
-import time
 import traceback
 from datetime import timedelta
 
@@ -25,6 +24,7 @@ import dmi_ext
 import dmi_ext.distributed as dmi_dist
 
 from conftest import KINDS, make_case
+from spawn_ranks import assert_scenario_ok, spawn_rank_reports
 
 dist = torch.distributed
 pytestmark = pytest.mark.skipif(
@@ -304,27 +304,12 @@ def rank_reports(request, tmp_path_factory):
     """Spawn a gloo group of W processes once; returns W dicts {scenario: 'ok' | traceback}."""
     world = request.param
     tmp = tmp_path_factory.mktemp(f"gloo{world}")
-    context = torch.multiprocessing.start_processes(
-        _run_rank, args=(world, str(tmp / "store"), str(tmp)), nprocs=world, join=False,
-        start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} spawned ranks did not finish in {SPAWN_TIMEOUT_S} s")
-    reports = []
-    for rank in range(world):
-        with open(tmp / f"rank{rank}.json") as f:
-            reports.append(json.load(f))
-    return reports
+    return spawn_rank_reports(_run_rank, world, tmp, SPAWN_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_on_every_rank(rank_reports, scenario):
-    failures = {rank: report.get(scenario, "not run") for rank, report in enumerate(rank_reports)}
-    failures = {rank: text for rank, text in failures.items() if text != "ok"}
-    assert not failures, "\n".join(f"--- rank {r}:\n{t}" for r, t in failures.items())
+    assert_scenario_ok(rank_reports, scenario)
 
 
 # ---- without a process group -----------------------------------------------------------------

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import traceback
 
 import numpy as np
@@ -28,6 +27,7 @@ from dmi_ext.toolkit.data import load_dataset, make_splits, noise_transition  # 
 from dmi_ext.toolkit.methods import LatentLabelSampler, run_method  # noqa: E402
 from dmi_ext.toolkit.parallel import GlobalBatchMean, GlobalBatchRelabel  # noqa: E402
 from dmi_ext.toolkit.train import Batches, Phase, TrainConfig, fit  # noqa: E402
+from spawn_ranks import assert_scenario_ok, spawn_rank_reports  # noqa: E402
 
 dist = torch.distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,27 +255,12 @@ def rank_reports(tmp_path_factory):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available")
     tmp = tmp_path_factory.mktemp("nproc")
-    context = torch.multiprocessing.start_processes(
-        _run_rank, args=(WORLD, str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False,
-        start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{WORLD} spawned ranks did not finish in {SPAWN_TIMEOUT_S} s")
-    reports = []
-    for rank in range(WORLD):
-        with open(tmp / f"rank{rank}.json") as handle:
-            reports.append(json.load(handle))
-    return reports
+    return spawn_rank_reports(_run_rank, WORLD, tmp, SPAWN_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_on_every_rank(rank_reports, scenario):
-    failures = {rank: report.get(scenario, "not run") for rank, report in enumerate(rank_reports)}
-    failures = {rank: text for rank, text in failures.items() if text != "ok"}
-    assert not failures, "\n".join(f"--- rank {r}:\n{t}" for r, t in failures.items())
+    assert_scenario_ok(rank_reports, scenario)
 
 
 # ---- the CLI end to end ------------------------------------------------------------------------

@@ -132,7 +132,6 @@ def main():
         tol = 1e-9 if x.dtype == torch.float64 else (3e-5 if x.dtype == torch.float32 else 3e-2)
         ok = torch.equal(torch.isfinite(loss), finite)
         ok = ok and torch.allclose(loss.double()[finite], loss_ref[finite].detach(), rtol=tol, atol=tol)
-        grad_emu, _, _ = None, None, None
         _, _, grad_masked = loss_grad(x, y, up * finite.to(up.dtype), **kw)
         scale = max(grad_ref.abs().max().item(), 1e-30)
         ok = ok and torch.allclose(grad_masked.double(), grad_ref, rtol=tol, atol=tol * scale)

@@ -1,0 +1,33 @@
+"""The harness of the multi-process tests: spawn a gloo group once, let every rank run every
+scenario and write what happened to a JSON file, then check each scenario from the parent."""
+
+import json
+import time
+
+import pytest
+import torch
+
+
+def spawn_rank_reports(run_rank, world, tmp, timeout_s):
+    """Run ``run_rank(rank, world, store_path, report_dir)`` in ``world`` spawned processes and
+    return their reports, one dict {scenario: 'ok' | traceback} per rank."""
+    context = torch.multiprocessing.start_processes(
+        run_rank, args=(world, str(tmp / "store"), str(tmp)), nprocs=world, join=False,
+        start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world} spawned ranks did not finish in {timeout_s} s")
+    reports = []
+    for rank in range(world):
+        with open(tmp / f"rank{rank}.json") as handle:
+            reports.append(json.load(handle))
+    return reports
+
+
+def assert_scenario_ok(reports, scenario):
+    failures = {rank: report.get(scenario, "not run") for rank, report in enumerate(reports)}
+    failures = {rank: text for rank, text in failures.items() if text != "ok"}
+    assert not failures, "\n".join(f"--- rank {r}:\n{t}" for r, t in failures.items())
