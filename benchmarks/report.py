@@ -14,6 +14,7 @@ N, one line per C) to benchmarks/results/, named after the machine.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -117,6 +118,20 @@ def measure(fns, timer, budget_s, min_rounds=5, max_rounds=300):
     return {n: statistics.median(s) for n, s in samples.items()}, rounds
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2: the CPU profiler (kineto) prints two lines per use there."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def peak_memory(fn, device, before) -> int:
     """Peak bytes allocated through PyTorch's allocator during fn (forward + backward), above
     what was live when it started; `before` runs first, unmeasured (it frees the last gradient,
@@ -131,7 +146,7 @@ def peak_memory(fn, device, before) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
