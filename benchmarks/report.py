@@ -269,7 +269,8 @@ def main(argv=None):
              f"{torch.get_num_threads()} threads")
     print(title, file=sys.stderr)
     for shape in shapes:
-        variants.check_agreement(shape, args.device) if shape.elements <= 2 * 10**6 else None
+        if shape.elements <= variants.AGREEMENT_MAX_ELEMENTS:
+            variants.check_agreement(shape, args.device)
     rows = run(shapes, args.device, budget)
 
     text = [f"# {title}", "", "## Forward + backward (loss.backward())", "",

@@ -51,5 +51,6 @@ def test_speed(benchmark, device, shape, variant, mode):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name.replace(" ", ","))
 def test_variants_agree(shape):
     """The timed variants compute the same loss, so the timings compare like with like."""
-    if shape.elements <= 2 * 10**6:
-        variants.check_agreement(shape)
+    if shape.elements > variants.AGREEMENT_MAX_ELEMENTS:
+        pytest.skip(f"{shape.elements} elements: too large to compare against native in float64")
+    variants.check_agreement(shape)

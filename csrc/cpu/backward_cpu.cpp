@@ -40,17 +40,6 @@ struct BackwardArgs {
   scalar_t* out;
 };
 
-// Logit rows in the accumulation type and packed are read in place; others are converted.
-template <typename scalar_t, typename acc_t>
-const acc_t* logit_rows(const scalar_t* rows, const Strides& st, int64_t nr, int64_t C,
-                        acc_t* buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (st.input_class == 1 && st.input_row == C) return rows;
-  }
-  load_rows(buffer, rows, st.input_row, st.input_class, nr, C);
-  return buffer;
-}
-
 template <typename scalar_t, typename index_t>
 void backward_float(const BackwardArgs<scalar_t, index_t>& a) {
   const int64_t M = a.L.sources, N = a.L.rows, C = a.L.classes, CC = C * C;
@@ -112,8 +101,8 @@ void backward_float(const BackwardArgs<scalar_t, index_t>& a) {
         o = out_tile.data();
       }
       if (a.from_logits) {
-        const float* x = logit_rows(a.x + s * a.st.input_slice + r * a.st.input_row, a.st, nr, C,
-                                    loaded.data());
+        const float* x = logit_rows(a.x + s * a.st.input_slice + r * a.st.input_row,
+                                    a.st.input_row, a.st.input_class, nr, C, loaded.data());
         softmax_rows(x, e.data(), rinv.data(), nr, C);
         softmax_backward_rows(o, grow.data(), e.data(), rinv.data(), nr, C);
       } else {
@@ -152,8 +141,8 @@ void backward_double(const BackwardArgs<double, index_t>& a) {
         }
       }
       if (a.from_logits) {
-        const double* x = logit_rows(a.x + s * a.st.input_slice + r * a.st.input_row, a.st, nr,
-                                     C, loaded.data());
+        const double* x = logit_rows(a.x + s * a.st.input_slice + r * a.st.input_row,
+                                     a.st.input_row, a.st.input_class, nr, C, loaded.data());
         softmax_rows(x, e.data(), rinv.data(), nr, C);
         softmax_backward_rows(g.data(), e.data(), rinv.data(), nr, C);
       }

@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "../dmi_math.h"
@@ -41,8 +40,8 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
   const int64_t S = L.slices, M = L.sources, N = L.rows, C = L.classes, CC = C * C;
   // Logit rows already in the accumulation type and packed are read in place, not copied
   // (probability rows are copied: the accumulation reads a little past each row's end).
-  const bool read_in_place = from_logits && std::is_same_v<scalar_t, acc_t> &&
-                             st.input_class == 1 && st.input_row == C;
+  const bool read_in_place =
+      from_logits && rows_in_place<scalar_t, acc_t>(st.input_row, st.input_class, C);
   const double prob_tol = probability_tolerance(sizeof(scalar_t));
 
   const int64_t K = chunks_per_slice(L, at::get_num_threads());
@@ -72,11 +71,10 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
       for (int64_t r = r0; r < r1; r += TR) {
         const int64_t nr = std::min(TR, r1 - r);
         const scalar_t* rows = xp + s * st.input_slice + r * st.input_row;
-        const acc_t* x = nullptr;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (read_in_place) x = rows;
-        }
-        if (!read_in_place) {
+        const acc_t* x;
+        if (from_logits) {
+          x = logit_rows(rows, st.input_row, st.input_class, nr, C, loaded.data());
+        } else {
           load_rows(loaded.data(), rows, st.input_row, st.input_class, nr, C);
           x = loaded.data();
         }

@@ -2,8 +2,8 @@
 //
 // For C <= kFusedMaxClasses each matrix is inverted by the Gauss-Jordan code below, one matrix
 // per task (the batched small-matrix case, where a LAPACK call per 10 x 10 matrix costs more than
-// the maths); its pivots are those of the LU. Above it the matrices go to ATen's batched LU
-// (LAPACK) and an LU solve, as SPEC §8 asks.
+// the maths); its pivots are those of the LU. Above it each matrix goes to ATen's LU (LAPACK) and
+// an LU solve, as SPEC §8 asks, one call per matrix (see lu_loss_lapack).
 #include "lu_cpu.h"
 
 #include <ATen/ATen.h>
@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -21,18 +20,6 @@
 
 namespace dmi_ext::cpu {
 namespace {
-
-typedef double v4d __attribute__((vector_size(32)));
-typedef int64_t v4l __attribute__((vector_size(32)));
-
-DMI_INLINE v4d select(v4l mask, v4d a, v4d b) { return (v4d)((mask & (v4l)a) | (~mask & (v4l)b)); }
-
-DMI_INLINE v4d load4(const double* p) {
-  v4d v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-DMI_INLINE void store4(double* p, v4d v) { std::memcpy(p, &v, sizeof v); }
 
 // Row operations of the Gauss-Jordan elimination below. Rows are padded with zeros to a multiple
 // of 4 (CP) so that every operation is whole vectors; a column that must be set, not updated, is

@@ -22,31 +22,7 @@
 namespace dmi_ext::cpu {
 namespace {
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-typedef double v4d __attribute__((vector_size(32)));
-
-DMI_INLINE v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-DMI_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-DMI_INLINE v4f load4(const float* p) {
-  v4f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-DMI_INLINE void store4(float* p, v4f v) { std::memcpy(p, &v, sizeof v); }
-DMI_INLINE v4d load4(const double* p) {
-  v4d v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-DMI_INLINE void store4(double* p, v4d v) { std::memcpy(p, &v, sizeof v); }
 DMI_INLINE v8f splat(float x) { return v8f{} + x; }
-DMI_INLINE v8f select(v8i mask, v8f a, v8f b) { return (v8f)((mask & (v8i)a) | (~mask & (v8i)b)); }
 // Lanes < n set (0 <= n <= 8).
 DMI_INLINE v8i lanes_below(int64_t n) {
   const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace dmi_ext::cpu {
 
@@ -31,6 +32,24 @@ inline void load_rows(acc_t* tile, const scalar_t* base, int64_t row_stride, int
       for (int64_t k = 0; k < C; ++k) dst[k] = static_cast<acc_t>(src[k * col_stride]);
     }
   }
+}
+
+// Whether rows of logits can be read where they are: already in the accumulation type, packed.
+template <typename scalar_t, typename acc_t>
+constexpr bool rows_in_place(int64_t row_stride, int64_t col_stride, int64_t C) {
+  return std::is_same_v<scalar_t, acc_t> && col_stride == 1 && row_stride == C;
+}
+
+// `rows` rows of logits as acc_t: the input itself when rows_in_place, else converted into
+// `buffer` (rows * C elements).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* logit_rows(const scalar_t* base, int64_t row_stride, int64_t col_stride,
+                               int64_t rows, int64_t C, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (rows_in_place<scalar_t, acc_t>(row_stride, col_stride, C)) return base;
+  }
+  load_rows(buffer, base, row_stride, col_stride, rows, C);
+  return buffer;
 }
 
 // out[i] = the label of row i, kIgnoredLabel or kOutOfRangeLabel. Returns how many rows are kept.

@@ -149,7 +149,7 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& input, const
   p.from_logits = from_logits;
   p.ignore_index = ignore_index;
   p.lanes = lanes_per_row(static_cast<int>(C));
-  const int64_t label_rows = std::max<int64_t>(1, 16384 / (4 * M));
+  const int64_t label_rows = std::max<int64_t>(1, static_cast<int64_t>(kLabelBudget / (sizeof(int) * M)));
   p.tile_rows = static_cast<int>(std::min<int64_t>(tile_rows(C, N), label_rows));
   const size_t table_bytes = static_cast<size_t>(M * C * C) * sizeof(double);
   // Staging pays when the table is small and each of its rows serves several input rows.

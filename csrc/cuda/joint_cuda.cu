@@ -38,8 +38,6 @@ namespace {
 
 // Shared memory the private accumulators may take; above it they go to the workspace.
 constexpr size_t kAccumulatorBudget = 96 * 1024;
-// Label codes of a tile, all sources together.
-constexpr size_t kLabelBudget = 16 * 1024;
 // Fewest rows a block is given: below it a block's fixed costs dominate.
 constexpr int64_t kMinRowsPerBlock = 256;
 // Bytes of per-block partials the last block of a slice reads: bounds the serial tail.
@@ -87,23 +85,6 @@ struct ForwardParams {
   bool* singular;
   double* table;
 };
-
-// Sum of v[0..n) by the whole block in a fixed order (strided per thread, then butterflies);
-// the result is valid in thread 0.
-__device__ double block_sum_fixed_order(const double* v, int64_t n) {
-  __shared__ double warp_sums[32];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  double s = 0.0;
-  for (int64_t i = tid; i < n; i += blockDim.x) s += __ldcg(v + i);
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  if (lane == 0) warp_sums[warp] = s;
-  __syncthreads();
-  if (warp == 0) {
-    s = lane < static_cast<int>(blockDim.x >> 5) ? warp_sums[lane] : 0.0;
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  }
-  return s;
-}
 
 template <typename scalar_t, typename index_t, class Stage2>
 __global__ void __launch_bounds__(Stage2::kThreads)
@@ -287,7 +268,9 @@ __global__ void __launch_bounds__(Stage2::kThreads)
       if (is_last) {
         __threadfence();
         const int64_t G = S * M;
-        const double total = block_sum_fixed_order(p.loss_each, G);
+        double partial = 0.0;  // strided per thread, then block_sum: a fixed order
+        for (int64_t e = tid; e < G; e += T) partial += __ldcg(p.loss_each + e);
+        const double total = block_sum(partial);
         if (tid == 0) {
           const double value =
               p.reduction == kReductionMean ? total / static_cast<double>(G) : total;
@@ -324,7 +307,7 @@ Plan plan_forward(const Layout& L, int threads, size_t acc_size, bool fused,
   plan.acc_in_shared = groups_by_memory >= 1;
   plan.groups = static_cast<int>(plan.acc_in_shared ? std::min(groups_by_threads, groups_by_memory) : 1);
 
-  const int64_t label_rows = std::max<int64_t>(1, static_cast<int64_t>(kLabelBudget / (4 * M)));
+  const int64_t label_rows = std::max<int64_t>(1, static_cast<int64_t>(kLabelBudget / (sizeof(int) * M)));
   auto layout_smem = [&](int rows) {
     plan.tile_rows = rows;
     size_t off = plan.acc_in_shared ? align16(plan.groups * matrices_bytes) : 0;

@@ -68,20 +68,13 @@ __global__ void __launch_bounds__(kFinishThreads)
                      const double* __restrict__ inverse_t, const double* __restrict__ scale,
                      int C, double log_eps, double* loss, double* logabsdet, bool* singular,
                      double* table) {
-  __shared__ double warp_sums[kFinishThreads / 32];
   __shared__ double block_lad;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
   const int64_t g = blockIdx.y, CC = static_cast<int64_t>(C) * C;
   double s = 0.0;
   for (int k = tid; k < C; k += kFinishThreads) s += log(fabs(lu[g * CC + static_cast<int64_t>(k) * (C + 1)]));
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  if (lane == 0) warp_sums[warp] = s;
-  __syncthreads();
-  if (tid == 0) {
-    double total = 0.0;
-    for (int w = 0; w < kFinishThreads / 32; ++w) total += warp_sums[w];
-    block_lad = total;
-  }
+  const double total = block_sum(s);
+  if (tid == 0) block_lad = total;
   __syncthreads();
   const bool is_singular = info[g] > 0;
   const double lad = is_singular ? -INFINITY : block_lad;

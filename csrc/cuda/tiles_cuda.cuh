@@ -24,6 +24,10 @@ constexpr int kOutOfRangeLabel = -2;  // target outside [0, C) and not ignore_in
 constexpr int kTileElements = 4096;
 constexpr int kMaxTileRows = 1024;
 
+// Bytes of shared memory for the label codes of a tile, all label sources together: bounds the
+// tile's rows when there are many sources.
+constexpr size_t kLabelBudget = 16 * 1024;
+
 inline int tile_rows(int64_t C, int64_t rows_needed) {
   int64_t r = kTileElements / C;
   r = r < 1 ? 1 : (r > kMaxTileRows ? kMaxTileRows : r);
@@ -132,6 +136,22 @@ __device__ void store_tile(scalar_t* __restrict__ out, const acc_t* __restrict__
   for (int e = head + nvec * V + threadIdx.x; e < count; e += blockDim.x) {
     out[e] = static_cast<scalar_t>(tile[e]);
   }
+}
+
+// The sum over the block of every thread's `v`, in a fixed order (butterflies within each warp,
+// then over the warps' sums), so bitwise reproducible; valid in the threads of warp 0. Every
+// thread of the block calls it, at most once between two barriers (it reuses its shared memory).
+__device__ inline double block_sum(double v) {
+  __shared__ double warp_sums[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x >> 5) ? warp_sums[lane] : 0.0;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  }
+  return v;
 }
 
 // The label code of one target entry: the class, kIgnoredLabel or kOutOfRangeLabel.

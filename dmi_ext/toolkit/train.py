@@ -36,7 +36,7 @@ def _option(default, help: str):
 class TrainConfig:
     """Hyperparameters of every method; the CLI exposes each field as --field-name.
 
-    Defaults were chosen on validation data (see docs/README-toolkit.md), never on test data.
+    Defaults were chosen on validation data (see docs/toolkit.md), never on test data.
     """
 
     model: str = _option("mlp", "network: 'mlp' (any data) or 'cnn' (image-shaped data)")
