@@ -29,7 +29,9 @@ def want_cuda() -> bool:
 def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    # -g0 last: Python's own CFLAGS carry -g, which makes a 20+ MB .so. DMI_EXT_DEBUG=1 keeps it.
+    debug = os.environ.get("DMI_EXT_DEBUG") == "1"
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"] + ([] if debug else ["-g0"])
     # -fopenmp makes at::parallel_for parallel; the libgomp it links is the one torch ships.
     link = ["-fopenmp"]
     if not want_cuda():
