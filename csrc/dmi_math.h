@@ -51,7 +51,7 @@ C10_HOST_DEVICE inline double pivot_tolerance(int64_t classes) {
 // The power of two 2^e with max_abs * 2^-e in [1, 2) (e = 0 for 0, inf or NaN): U / 2^e is the
 // matrix the LU factorises; log|det U| = log|det(U / 2^e)| + C * e * log 2.
 C10_HOST_DEVICE inline int scale_exponent(double max_abs) {
-  if (!(max_abs > 0.0) || !(max_abs < 1.0 / 0.0)) return 0;
+  if (!(max_abs > 0.0) || !(max_abs < std::numeric_limits<double>::infinity())) return 0;
   int e = 0;
   ::frexp(max_abs, &e);  // max_abs = f * 2^e, f in [0.5, 1)
   return e - 1;
