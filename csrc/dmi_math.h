@@ -36,20 +36,23 @@ C10_HOST_DEVICE inline double det_weight(double logabsdet, double log_eps) {
   return e / (1.0 + e);
 }
 
-// The singular rule (docs/contract.md, "Singular matrices"). Before its LU, U is scaled by the
-// power of two that puts max|U| in [1, 2) (exact, and it keeps subnormal or huge U in range); a
-// pivot of the scaled matrix with |pivot| <= pivot_tolerance(C) counts as zero, and U is singular.
-// U is accumulated in float64, so a U that is rank-deficient in exact arithmetic (constant network
-// output, two classes with identical predictions, duplicate or proportional rows or columns)
-// leaves pivots of a few float64 ulps after elimination, far below this bound, while a regular U
-// is flagged only when its condition number exceeds about 1e12 / C, where a float64 inverse has
-// no more than a few correct digits left anyway.
+// The singular rule (docs/contract.md, "Singular matrices"). Before its LU, U is equilibrated by
+// powers of two: each row divided by the power of two that puts its largest entry in [1, 2), then
+// each column likewise (exact, and it changes neither rank nor singularity; it also keeps
+// subnormal or huge U in range). A pivot of the equilibrated matrix with |pivot| <=
+// pivot_tolerance(C) counts as zero, and U is singular. U is accumulated in float64, so a U that
+// is rank-deficient in exact arithmetic (constant network output, two classes with identical
+// predictions, duplicate or proportional rows or columns) leaves pivots of a few float64 ulps
+// after elimination, far below this bound, while a regular U is flagged only when its
+// equilibrated condition number exceeds about 1e12 / C, where a float64 inverse has no more than
+// a few correct digits left anyway. A rare class (a small row) or a class predicted with tiny
+// probabilities (a small column) is not mistaken for a zero.
 C10_HOST_DEVICE inline double pivot_tolerance(int64_t classes) {
   return static_cast<double>(classes) * 0x1p-44;  // C * 5.7e-14
 }
 
-// The power of two 2^e with max_abs * 2^-e in [1, 2) (e = 0 for 0, inf or NaN): U / 2^e is the
-// matrix the LU factorises; log|det U| = log|det(U / 2^e)| + C * e * log 2.
+// The power of two 2^e with max_abs * 2^-e in [1, 2) (e = 0 for 0, inf or NaN): the scale of one
+// row or column in the equilibration above.
 C10_HOST_DEVICE inline int scale_exponent(double max_abs) {
   if (!(max_abs > 0.0) || !(max_abs < std::numeric_limits<double>::infinity())) return 0;
   int e = 0;

@@ -117,8 +117,11 @@ void backward_float(const BackwardArgs<scalar_t, index_t>& a) {
   });
 }
 
-template <typename index_t>
-void backward_double(const BackwardArgs<double, index_t>& a) {
+// In float64 throughout: float64 input, and 16/32-bit input whose scaled tables leave the float
+// range (|U^{-1}| beyond 3.4e38, e.g. a class predicted with subnormal probabilities), where the
+// float tables of backward_float would hold inf.
+template <typename scalar_t, typename index_t>
+void backward_double(const BackwardArgs<scalar_t, index_t>& a) {
   const int64_t M = a.L.sources, N = a.L.rows, C = a.L.classes, CC = C * C;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (C * M));
   at::parallel_for(0, a.L.slices * N, grain, [&](int64_t begin, int64_t end) {
@@ -146,10 +149,24 @@ void backward_double(const BackwardArgs<double, index_t>& a) {
         softmax_rows(x, e.data(), rinv.data(), nr, C);
         softmax_backward_rows(g.data(), e.data(), rinv.data(), nr, C);
       }
-      std::copy(g.begin(), g.begin() + nr * C, a.out + flat * C);
+      for (int64_t q = 0; q < nr * C; ++q) a.out[flat * C + q] = static_cast<scalar_t>(g[q]);
       flat += nr;
     }
   });
+}
+
+// Whether every scaled grad table entry is a finite float (NaN entries, from poisoned matrices,
+// pass: they stay NaN either way).
+template <typename scalar_t, typename index_t>
+bool fits_float(const BackwardArgs<scalar_t, index_t>& a) {
+  const int64_t CC = a.L.classes * a.L.classes;
+  for (int64_t g = 0; g < a.L.matrices(); ++g) {
+    for (int64_t e = 0; e < CC; ++e) {
+      if (std::abs(a.scales[g] * a.table[g * CC + e]) > std::numeric_limits<float>::max())
+        return false;
+    }
+  }
+  return true;
 }
 
 at::Tensor dmi_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
@@ -177,7 +194,7 @@ at::Tensor dmi_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
               st,                               L,
               from_logits,                      ignore_index,
               grad_input.data_ptr<scalar_t>()};
-          if constexpr (std::is_same_v<scalar_t, double>) {
+          if (std::is_same_v<scalar_t, double> || !fits_float(args)) {
             backward_double(args);
           } else {
             backward_float(args);

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -20,6 +21,8 @@
 
 namespace dmi_ext::cpu {
 namespace {
+
+constexpr double kLn2 = 0.69314718055994530942;
 
 // Row operations of the Gauss-Jordan elimination below. Rows are padded with zeros to a multiple
 // of 4 (CP) so that every operation is whole vectors; a column that must be set, not updated, is
@@ -73,17 +76,18 @@ DMI_INLINE void eliminate(double* rr, const double* rk, int64_t CP, const Lane& 
 // at a time: the second pivot's column is updated alone, then every other row receives both
 // eliminations in one pass, which halves the passes over the matrix (the arithmetic, and so the
 // result, is that of one pivot at a time, up to the sign of zeros). kCP > 0 fixes the padded row
-// stride at compile time for the common small C. Returns false at the first pivot that is exactly
-// zero: A is singular (SPEC §5) and left half-eliminated.
+// stride at compile time for the common small C. A is scaled so that max|A| is in [1, 2); returns
+// false at the first pivot with |pivot| <= tol (the singular rule, dmi_math.h): A is singular and
+// left half-eliminated.
 template <int64_t kCP>
-DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, int64_t* swaps,
-                                  double* logabsdet) {
+DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, double tol,
+                                  int64_t* swaps, double* logabsdet) {
   const int64_t CP = kCP > 0 ? kCP : CP_runtime;
   double saved_row[kFusedMaxClasses + 4];
   double lad = 0.0;
   for (int64_t k = 0; k < C;) {
     const int64_t p = pivot_search(A, C, CP, k);
-    if (A[p * CP + k] == 0.0) return false;
+    if (std::abs(A[p * CP + k]) <= tol) return false;
     swaps[k] = p;
     double* rk = A + k * CP;
     if (p != k) swap_rows(rk, A + p * CP, CP);
@@ -116,7 +120,7 @@ DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, int6
     swaps[k1] = p1;
     eliminate(r1, rk, CP, lane_k, r1[k], inv);  // row k + 1 through step k
     const double pivot1 = r1[k1];
-    if (pivot1 == 0.0) return false;
+    if (std::abs(pivot1) <= tol) return false;
     lad += std::log(std::abs(pivot1));
     const double inv1 = 1.0 / pivot1;
     const Lane lane_k1(k1);
@@ -146,16 +150,68 @@ DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, int6
   return true;
 }
 
-DMI_CPU_CLONES bool gauss_jordan_inverse(double* A, int64_t C, int64_t CP, int64_t* swaps,
-                                         double* logabsdet) {
+DMI_CPU_CLONES bool gauss_jordan_inverse(double* A, int64_t C, int64_t CP, double tol,
+                                         int64_t* swaps, double* logabsdet) {
   switch (CP) {
-    case 4: return gauss_jordan_impl<4>(A, C, CP, swaps, logabsdet);
-    case 8: return gauss_jordan_impl<8>(A, C, CP, swaps, logabsdet);
-    case 12: return gauss_jordan_impl<12>(A, C, CP, swaps, logabsdet);
-    case 16: return gauss_jordan_impl<16>(A, C, CP, swaps, logabsdet);
-    default: return gauss_jordan_impl<0>(A, C, CP, swaps, logabsdet);
+    case 4: return gauss_jordan_impl<4>(A, C, CP, tol, swaps, logabsdet);
+    case 8: return gauss_jordan_impl<8>(A, C, CP, tol, swaps, logabsdet);
+    case 12: return gauss_jordan_impl<12>(A, C, CP, tol, swaps, logabsdet);
+    case 16: return gauss_jordan_impl<16>(A, C, CP, tol, swaps, logabsdet);
+    default: return gauss_jordan_impl<0>(A, C, CP, tol, swaps, logabsdet);
   }
 }
+
+// x * 2^e, exact unless the result leaves the double range; a multiply in the common case.
+DMI_INLINE double times_pow2(double x, int e) {
+  if (e < -1022 || e > 1023) return std::ldexp(x, e);
+  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
+  double p;
+  std::memcpy(&p, &bits, sizeof p);
+  return x * p;
+}
+
+// The equilibration of the singular rule (dmi_math.h): U = s * sums with row t divided by 2^r[t],
+// then column k by 2^c[k], each power of two putting that row's (then column's) largest entry in
+// [1, 2). Powers of two keep A = R U S exact and keep singularity and rank as they are; the rule's
+// pivot tolerance is then relative to every row and column's own scale (a rare class, or a class
+// predicted with subnormal probabilities, is not mistaken for a zero). A is written with row
+// stride `stride`; returns sum(r) + sum(c), so log|det U| = log|det A| + that * log 2. NaN entries
+// are skipped in the maxima and reach the LU, which passes them on.
+struct Equilibrated {
+  std::vector<int> r, c;
+  int total = 0;
+
+  void scale(const double* sums, int64_t C, double s, double* A, int64_t stride) {
+    r.assign(C, 0);
+    c.assign(C, 0);
+    total = 0;
+    for (int64_t t = 0; t < C; ++t) {
+      double m = 0.0;
+      for (int64_t k = 0; k < C; ++k) {
+        const double v = std::abs(s * sums[t * C + k]);
+        m = v > m ? v : m;
+      }
+      r[t] = scale_exponent(m);
+      for (int64_t k = 0; k < C; ++k) A[t * stride + k] = times_pow2(s * sums[t * C + k], -r[t]);
+    }
+    for (int64_t k = 0; k < C; ++k) {
+      double m = 0.0;
+      for (int64_t t = 0; t < C; ++t) {
+        const double v = std::abs(A[t * stride + k]);
+        m = v > m ? v : m;
+      }
+      c[k] = scale_exponent(m);
+      if (c[k] != 0)
+        for (int64_t t = 0; t < C; ++t) A[t * stride + k] = times_pow2(A[t * stride + k], -c[k]);
+    }
+    for (int64_t i = 0; i < C; ++i) total += r[i] + c[i];
+  }
+
+  // U^{-1}[k][t] = A^{-1}[k][t] / 2^(c[k] + r[t]).
+  double unscale_inverse(double a_inv_kt, int64_t k, int64_t t) const {
+    return times_pow2(a_inv_kt, -(c[k] + r[t]));
+  }
+};
 
 void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t C,
                    bool normalize, double log_eps, double* loss, double* logabsdet,
@@ -164,24 +220,24 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
   const int64_t grain = std::max<int64_t>(1, (64 * 64 * 64) / (C * C * C));
   const int64_t CP = (C + 3) / 4 * 4;  // padded row stride of the workspace
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
-    std::vector<double> A(C * CP, 0.0);
+    std::vector<double> A(C * CP, 0.0);  // the padding columns stay zero
     std::vector<int64_t> swaps(C);
+    Equilibrated eq;
     for (int64_t g = g0; g < g1; ++g) {
       const double s = joint_scale(counts[g], normalize);
-      for (int64_t t = 0; t < C; ++t) {
-        for (int64_t k = 0; k < C; ++k) A[t * CP + k] = s * sums[g * CC + t * C + k];
-        for (int64_t k = C; k < CP; ++k) A[t * CP + k] = 0.0;
-      }
+      eq.scale(sums + g * CC, C, s, A.data(), CP);
       double lad = 0.0;
-      const bool ok = gauss_jordan_inverse(A.data(), C, CP, swaps.data(), &lad);
+      const bool ok = gauss_jordan_inverse(A.data(), C, CP, pivot_tolerance(C), swaps.data(), &lad);
       double* table = grad_table + g * CC;
       if (!ok) {
         lad = -std::numeric_limits<double>::infinity();
         std::fill(table, table + CC, 0.0);
       } else {  // table = -w s U^{-T}
+        lad += eq.total * kLn2;
         const double f = -det_weight(lad, log_eps) * s;
         for (int64_t t = 0; t < C; ++t)
-          for (int64_t k = 0; k < C; ++k) table[t * C + k] = f * A[k * CP + t];
+          for (int64_t k = 0; k < C; ++k)
+            table[t * C + k] = f * eq.unscale_inverse(A[k * CP + t], k, t);
       }
       singular[g] = !ok;
       logabsdet[g] = lad;
@@ -200,13 +256,19 @@ void lu_loss_lapack(const double* sums, const int64_t* counts, int64_t G, int64_
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   const int64_t CC = C * C;
   const at::Tensor eye = at::eye(C, f64);
+  const at::Tensor A = at::empty({C, C}, f64);
+  Equilibrated eq;
   for (int64_t g = 0; g < G; ++g) {
     const double s = joint_scale(counts[g], normalize);
-    const at::Tensor A = at::from_blob(const_cast<double*>(sums + g * CC), {C, C}, f64) * s;
+    eq.scale(sums + g * CC, C, s, A.data_ptr<double>(), C);
     auto [LU, pivots, info] = at::linalg_lu_factor_ex(A, /*pivot=*/true, /*check_errors=*/false);
-    const bool sing = info.item<int32_t>() > 0;  // LAPACK: U(info, info) is exactly zero
+    const at::Tensor diag = LU.diagonal().abs();
+    // info > 0: LAPACK met an exactly zero pivot; else the singular rule on the smallest one.
+    const double smallest = diag.min().item<double>();
+    const bool sing = info.item<int32_t>() > 0 ||
+                      smallest <= pivot_tolerance(C);
     const double l = sing ? -std::numeric_limits<double>::infinity()
-                          : LU.diagonal().abs().log().sum().item<double>();
+                          : diag.log().sum().item<double>() + eq.total * kLn2;
     singular[g] = sing;
     logabsdet[g] = l;
     loss[g] = loss_from_logabsdet(l, log_eps);
@@ -218,8 +280,9 @@ void lu_loss_lapack(const double* sums, const int64_t* counts, int64_t G, int64_
     const at::Tensor inv_t =
         at::linalg_lu_solve(LU, pivots, eye, /*left=*/true, /*adjoint=*/true).contiguous();
     const double f = -det_weight(l, log_eps) * s;
-    const double* invp = inv_t.const_data_ptr<double>();
-    for (int64_t e = 0; e < CC; ++e) out[e] = f * invp[e];
+    const double* invp = inv_t.const_data_ptr<double>();  // A^{-T}
+    for (int64_t t = 0; t < C; ++t)
+      for (int64_t k = 0; k < C; ++k) out[t * C + k] = f * eq.unscale_inverse(invp[t * C + k], k, t);
   }
 }
 

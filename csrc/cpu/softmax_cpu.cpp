@@ -1,12 +1,14 @@
 // Row-wise softmax forward/backward and the row gathers/scatters over row-major tiles (see
 // softmax_cpu.h).
 //
-// Why this shape: rows are short (C = 10 is the common case), so per-row max/sum reductions with
-// dependent adds cost more than the exps. The float path therefore subtracts ONE max per tile
-// (softmax is shift-invariant), runs a branch-free vector exp over the whole tile as a flat
-// array, and only then does per-row sums. A row whose sum underflows (its max lies far below the
-// tile's) and any tile holding NaN or +inf is redone exactly, row by row, so results are those of
-// a per-row softmax to float rounding.
+// Why this shape: rows are short (C = 10 is the common case), so a vector per row would leave most
+// lanes idle in the exp, the costly part. The float path therefore subtracts each row's own max
+// (a short vector max per row) into a flat tile, runs a branch-free vector exp over the whole tile
+// as a flat array (its tail included, so every element goes through the same exp), and then sums
+// each row. A row's probabilities are thus a function of that row alone, bit for bit, wherever it
+// sits in a tile: identical logit rows give identical probability rows, which is what lets a
+// rank-deficient U come out exactly rank-deficient (see lu_cpu.cpp). A tile holding NaN or +inf,
+// or a row of -inf, is redone row by row with std::exp (its loss is NaN, as torch.softmax's is).
 //
 // Why not at::vec: an extension compiled with default flags gets at::vec's scalar fallback, and
 // Sleef's exp lives inside libtorch with hidden symbols. The vectors here are GCC/Clang vector
@@ -29,41 +31,47 @@ DMI_INLINE v8i lanes_below(int64_t n) {
   return lane < static_cast<int32_t>(n);
 }
 DMI_INLINE float hmax(v8f v) {
-  float m = v[0];
-  for (int l = 1; l < 8; ++l) m = v[l] > m ? v[l] : m;
-  return m;
+  v4f lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  v4f a = lo > hi ? lo : hi;
+  v4f b = __builtin_shufflevector(a, a, 2, 3, 0, 1);
+  a = a > b ? a : b;
+  b = __builtin_shufflevector(a, a, 1, 0, 3, 2);
+  a = a > b ? a : b;
+  return a[0];
 }
 
-// Below this, exp_nonpositive returns 0 (e^-86 is still a normal float, so 2^n never lands in the
-// subnormal range where adding n to the exponent field would be wrong).
-constexpr float kExpLow = -86.0f;
+// Below this, exp_nonpositive returns 0: e^-104 is under half the smallest subnormal float.
+constexpr float kExpLow = -104.0f;
 
-// exp(x) for x <= 0 or -inf: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-5 minimax polynomial
-// (about 1.5 ulp), 2^n added to the exponent field. NaN and +inf are not handled (see above).
+// exp(x) for x <= 0 or -inf, to under one ulp (mean error 0.27 ulp, bias under 0.02 ulp, measured
+// over [-104, 0] against float64 exp), subnormal results included as torch.softmax keeps them:
+// x = n ln2 + r with |r| <= ln2/2 (Cody-Waite, so r is exact), e^r = 1 + r + r^2 q(r) with the
+// Cephes degree-5 q, then 2^n applied as two normal powers of two 2^(n/2) 2^(n - n/2), so that a
+// result in the subnormal range is rounded once, correctly. NaN and +inf are not handled here
+// (the caller redoes such tiles exactly).
 DMI_INLINE v8f exp_nonpositive(v8f x) {
   const v8f round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v8f nr = x * 1.44269504088896341f + round;
-  const v8f n = nr - round;
+  const v8f n = (x * 1.44269504088896341f + round) - round;
   v8f r = x - n * 0.693359375f;  // ln 2 in two parts (Cody-Waite) keeps r exact
   r = r - n * -2.12194440e-4f;
-  v8f y = splat(0.00829249f);
-  y = y * r + 0.04189792f;
-  y = y * r + 0.166676f;
-  y = y * r + 0.4999915f;
-  y = y * r + 0.99999972f;
-  y = y * r + 1.0f;
-  // nr's low mantissa bits hold n (two's complement); shifted into the exponent field they add n
-  // to y's exponent. The bits of `round` itself shift out (its low 9 mantissa bits are zero).
-  const v8i two_n = (v8i)nr << 23;
-  const v8f result = (v8f)((v8i)y + two_n);
+  v8f q = splat(1.9875691500e-4f);
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  const v8f y = q * (r * r) + r + 1.0f;
+  const v8i ni = __builtin_convertvector(select(x >= kExpLow, n, splat(0.0f)), v8i);
+  const v8i n1 = ni >> 1, n2 = ni - n1;  // both >= -76: 2^n1 and 2^n2 are normal floats
+  const v8f result = (y * (v8f)((n1 + 127) << 23)) * (v8f)((n2 + 127) << 23);
   return (v8f)((v8i)result & (x >= kExpLow));
 }
 
-// A row's sum below this means its max lies ~39 or more below the tile's: redo it exactly.
-constexpr float kTinyRowSum = 1e-17f;
-// Up to this many classes, accumulate_rows sums a tile into a float C x C block first (two vector
-// FMAs per row instead of float64 conversions), then adds the block into U in float64.
-constexpr int64_t kFloatBlockMaxClasses = 32;
+// Up to this many classes, accumulate_rows sums a tile into a padded float64 C x C block first
+// (whole-vector row updates), then adds the block into U.
+constexpr int64_t kBlockMaxClasses = 32;
 
 DMI_INLINE float hsum(v8f v) {
   v4f lo, hi;
@@ -87,41 +95,48 @@ DMI_INLINE void softmax_row_exact(const T* x, T* e, T* rinv, int64_t C) {
 
 DMI_INLINE void softmax_rows_float(const float* X, float* E, float* rinv, int64_t rows,
                                    int64_t C) {
-  const int64_t n = rows * C, nv = n / 8 * 8, nv4 = n / 32 * 32;
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  // Four independent running maxima: one would chain every compare-and-blend on the last.
-  v8f m[4] = {splat(-kInf), splat(-kInf), splat(-kInf), splat(-kInf)};
+  const int64_t cv = C / 8 * 8;
+  const v8i tail = lanes_below(C - cv);
+  const v8f neg_inf = splat(-kInf);
+  // 1. Each row minus its max, into E. A row's last partial vector is read whole (masked) except
+  // for the tile's last row, whose read could pass the end of X.
   v8i bad = v8i{};
-  for (int64_t j = 0; j < nv4; j += 32) {
-    for (int q = 0; q < 4; ++q) {
-      const v8f v = load8(X + j + 8 * q);
-      m[q] = select(v > m[q], v, m[q]);
+  bool exact = false;
+  const int64_t n = rows * C;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* x = X + i * C;
+    float* e = E + i * C;
+    v8f m = neg_inf;
+    for (int64_t k = 0; k < cv; k += 8) {
+      const v8f v = load8(x + k);
+      m = select(v > m, v, m);
       bad |= ~(v < kInf);  // NaN or +inf
     }
+    v8f last = neg_inf;
+    if (cv < C) {
+      if (i * C + cv + 8 <= n) {
+        last = select(tail, load8(x + cv), neg_inf);
+      } else {
+        for (int64_t k = cv; k < C; ++k) last[k - cv] = x[k];
+      }
+      m = select(last > m, last, m);
+      bad |= ~(last < kInf) & tail;
+    }
+    const float M = hmax(m);
+    exact |= !(M > -kInf);  // a row of -inf: NaN, as torch.softmax gives
+    const v8f Mv = splat(M);
+    for (int64_t k = 0; k < cv; k += 8) store8(e + k, load8(x + k) - Mv);
+    if (cv < C) store8(e + cv, last - Mv);  // lanes past C land in the next row or the slack
   }
-  for (int64_t j = nv4; j < nv; j += 8) {
-    const v8f v = load8(X + j);
-    m[0] = select(v > m[0], v, m[0]);
-    bad |= ~(v < kInf);
-  }
-  m[0] = select(m[1] > m[0], m[1], m[0]);
-  m[2] = select(m[3] > m[2], m[3], m[2]);
-  float M = hmax(select(m[2] > m[0], m[2], m[0]));
-  bool exact = false;
   for (int l = 0; l < 8; ++l) exact |= bad[l] != 0;
-  for (int64_t j = nv; j < n; ++j) {
-    M = X[j] > M ? X[j] : M;
-    exact |= !(X[j] < kInf);  // NaN or +inf
-  }
-  if (exact || M == -kInf) {
+  if (exact) {
     for (int64_t i = 0; i < rows; ++i) softmax_row_exact(X + i * C, E + i * C, rinv + i, C);
     return;
   }
-  const v8f Mv = splat(M);
-  for (int64_t j = 0; j < nv; j += 8) store8(E + j, exp_nonpositive(load8(X + j) - Mv));
-  for (int64_t j = nv; j < n; ++j) E[j] = std::exp(X[j] - M);
-  const int64_t cv = C / 8 * 8;
-  const v8i tail = lanes_below(C - cv);
+  // 2. exp over the flat tile, the last partial vector into the slack.
+  for (int64_t j = 0; j < n; j += 8) store8(E + j, exp_nonpositive(load8(E + j)));
+  // 3. Row sums (each at least 1: the max's exp), then reciprocals eight rows at a time.
   for (int64_t i = 0; i < rows; ++i) {
     const float* e = E + i * C;
     v8f acc = splat(0.0f);
@@ -129,19 +144,7 @@ DMI_INLINE void softmax_rows_float(const float* X, float* E, float* rinv, int64_
     if (cv < C) acc += (v8f)((v8i)load8(e + cv) & tail);  // reads into slack, masked off
     rinv[i] = hsum(acc);
   }
-  // Reciprocals eight rows at a time (rinv has slack); rows whose sum underflowed are redone.
-  v8i tiny = v8i{};
-  for (int64_t i = 0; i < rows; i += 8) {
-    const v8f s = load8(rinv + i);
-    tiny |= ~(s >= kTinyRowSum) & lanes_below(rows - i);
-    store8(rinv + i, 1.0f / s);
-  }
-  bool any_tiny = false;
-  for (int l = 0; l < 8; ++l) any_tiny |= tiny[l] != 0;
-  if (!any_tiny) return;
-  for (int64_t i = 0; i < rows; ++i) {
-    if (!(1.0f / rinv[i] >= kTinyRowSum)) softmax_row_exact(X + i * C, E + i * C, rinv + i, C);
-  }
+  for (int64_t i = 0; i < rows; i += 8) store8(rinv + i, 1.0f / load8(rinv + i));
 }
 
 DMI_INLINE void softmax_backward_rows_float(float* out, const float* const* grow,
@@ -176,35 +179,41 @@ DMI_INLINE void softmax_backward_rows_scalar(T* g, const T* E, const T* rinv, in
   }
 }
 
+// U gets P's rows in float64: e * rinv is exact in float64 (24 + 24 bits), so the only rounding
+// is that of the float64 sums, and identical probability rows add up to exactly count * p for
+// any count a tile holds (what makes a rank-deficient U come out singular, see lu_cpu.cpp).
 DMI_INLINE void accumulate_rows_float(double* U, const float* p, const float* rinv,
                                       const int64_t* label, int64_t rows, int64_t C) {
-  const int64_t cv = C / 8 * 8;
-  if (C <= kFloatBlockMaxClasses) {
-    const int64_t CP = (C + 7) / 8 * 8;  // padded row stride of the block
-    float block[kFloatBlockMaxClasses * kFloatBlockMaxClasses];
-    std::fill(block, block + C * CP, 0.0f);
-    const v8i tail = lanes_below(C - cv);
+  const int64_t c4 = C / 4 * 4;
+  if (C <= kBlockMaxClasses) {
+    const int64_t CP = (C + 3) / 4 * 4;  // padded row stride of the block
+    double block[kBlockMaxClasses * kBlockMaxClasses];
+    std::fill(block, block + C * CP, 0.0);
+    const v4l lane = {0, 1, 2, 3};
+    const v4l tail = lane < (C - c4);
     for (int64_t i = 0; i < rows; ++i) {
       if (label[i] < 0) continue;
-      float* b = block + label[i] * CP;
+      double* b = block + label[i] * CP;
       const float* pr = p + i * C;
-      const float r = rinv ? rinv[i] : 1.0f;
-      for (int64_t k = 0; k < cv; k += 8) store8(b + k, load8(b + k) + load8(pr + k) * r);
-      if (cv < C) store8(b + cv, load8(b + cv) + (v8f)((v8i)load8(pr + cv) & tail) * r);
+      const double r = rinv ? rinv[i] : 1.0;
+      for (int64_t k = 0; k < c4; k += 4)
+        store4(b + k, load4(b + k) + __builtin_convertvector(load4(pr + k), v4d) * r);
+      if (c4 < C)  // reads into the tile's slack, masked off
+        store4(b + c4, load4(b + c4) +
+                           select(tail, __builtin_convertvector(load4(pr + c4), v4d) * r, v4d{}));
     }
     for (int64_t t = 0; t < C; ++t)
-      for (int64_t k = 0; k < C; ++k) U[t * C + k] += static_cast<double>(block[t * CP + k]);
+      for (int64_t k = 0; k < C; ++k) U[t * C + k] += block[t * CP + k];
     return;
   }
-  const int64_t c4 = C / 4 * 4;
   for (int64_t i = 0; i < rows; ++i) {
     if (label[i] < 0) continue;
     double* u = U + label[i] * C;
     const float* pr = p + i * C;
-    const float r = rinv ? rinv[i] : 1.0f;
+    const double r = rinv ? rinv[i] : 1.0;
     for (int64_t k = 0; k < c4; k += 4)
-      store4(u + k, load4(u + k) + __builtin_convertvector(load4(pr + k) * r, v4d));
-    for (int64_t k = c4; k < C; ++k) u[k] += static_cast<double>(pr[k] * r);
+      store4(u + k, load4(u + k) + __builtin_convertvector(load4(pr + k), v4d) * r);
+    for (int64_t k = c4; k < C; ++k) u[k] += static_cast<double>(pr[k]) * r;
   }
 }
 
