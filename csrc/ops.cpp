@@ -199,6 +199,17 @@ at::Tensor call_dmi_backward(const at::Tensor& grad_loss, const at::Tensor& inpu
   return op.call(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction);
 }
 
+const c10::TypedOperatorHandle<LossOutputs(const at::Tensor&, const at::Tensor&, bool, bool,
+                                           double, int64_t, int64_t, bool, bool)>&
+dmi_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dmi_ext::dmi", "")
+          .typed<LossOutputs(const at::Tensor&, const at::Tensor&, bool, bool, double, int64_t,
+                             int64_t, bool, bool)>();
+  return op;
+}
+
 // Fused forward: L = reduce(-log(|det U_g| + eps)); backward through the grad table.
 class DMIFunction : public torch::autograd::Function<DMIFunction> {
  public:
@@ -206,14 +217,9 @@ class DMIFunction : public torch::autograd::Function<DMIFunction> {
                                const at::Tensor& target, bool from_logits, bool normalize,
                                double eps, int64_t ignore_index, int64_t reduction,
                                bool validate) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("dmi_ext::dmi", "")
-            .typed<LossOutputs(const at::Tensor&, const at::Tensor&, bool, bool, double,
-                               int64_t, int64_t, bool)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, lad, singular, table] =
-        op.call(input, target, from_logits, normalize, eps, ignore_index, reduction, validate);
+    auto [loss, lad, singular, table] = dmi_op().call(input, target, from_logits, normalize, eps,
+                                                      ignore_index, reduction, validate, true);
     ctx->save_for_backward({input, target, table});
     ctx->saved_data["from_logits"] = from_logits;
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -323,9 +329,16 @@ LossOutputs lu_loss_autograd(const at::Tensor& sums, const at::Tensor& counts, b
   return {out[0], out[1], out[2], out[3]};
 }
 
+// A call that no gradient can follow (grad mode off, or an input that does not require grad) goes
+// straight to the device kernel, which then skips the inverse unless need_grad_table asks for it.
 LossOutputs dmi_autograd(const at::Tensor& input, const at::Tensor& target, bool from_logits,
                          bool normalize, double eps, int64_t ignore_index, int64_t reduction,
-                         bool validate) {
+                         bool validate, bool need_grad_table) {
+  if (!at::GradMode::is_enabled() || !input.requires_grad()) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return dmi_op().call(input, target, from_logits, normalize, eps, ignore_index, reduction,
+                         validate, need_grad_table);
+  }
   auto out = DMIFunction::apply(input, target, from_logits, normalize, eps, ignore_index,
                                 reduction, validate);
   return {out[0], out[1], out[2], out[3]};
@@ -356,7 +369,7 @@ TORCH_LIBRARY(dmi_ext, m) {
       " -> (Tensor loss, Tensor logabsdet, Tensor singular, Tensor grad_table)");
   m.def(
       "dmi(Tensor input, Tensor target, bool from_logits, bool normalize, float eps,"
-      " int ignore_index, int reduction, bool validate)"
+      " int ignore_index, int reduction, bool validate, bool need_grad_table=True)"
       " -> (Tensor loss, Tensor logabsdet, Tensor singular, Tensor grad_table)");
   m.def(
       "dmi_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor grad_table,"

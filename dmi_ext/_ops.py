@@ -46,14 +46,15 @@ def _lu_loss_fake(sums, counts, normalize, eps):
 
 
 @torch.library.register_fake("dmi_ext::dmi")
-def _dmi_fake(input, target, from_logits, normalize, eps, ignore_index, reduction, validate):
+def _dmi_fake(input, target, from_logits, normalize, eps, ignore_index, reduction, validate,
+              need_grad_table=True):
     G, single = _matrices(input, target)
     C = input.shape[-1]
     batch = () if single else (G,)
     dtype = _loss_dtype(input)
     loss = input.new_empty(batch if reduction == 0 else (), dtype=dtype)
     return (loss, input.new_empty(batch, dtype=dtype), input.new_empty(batch, dtype=torch.bool),
-            input.new_empty((G, C, C), dtype=torch.float64))
+            input.new_empty((G if need_grad_table else 0, C, C), dtype=torch.float64))
 
 
 @torch.library.register_fake("dmi_ext::dmi_backward")

@@ -17,7 +17,7 @@ class DMIInfo(NamedTuple):
     """Per-matrix diagnostics of a DMI loss call (shape () for one matrix, else (G,))."""
 
     logabsdet: Tensor  # log|det U|, -inf where U is singular
-    singular: Tensor  # bool: U had an exactly zero pivot (e.g. a label class absent)
+    singular: Tensor  # bool: U is singular by the rule of docs/contract.md (e.g. a class absent)
 
 
 def _reduction_code(reduction: str) -> int:
@@ -52,9 +52,12 @@ def dmi_loss(
     ``validate=False`` a bad label makes its matrix's loss NaN instead. ``return_info=True``
     returns ``(loss, DMIInfo)`` with log|det U| and the singular flag per matrix.
     """
+    # need_grad_table=False: the op's autograd kernel asks for the table itself when a gradient
+    # can follow; otherwise (no_grad, inference_mode, no input requiring grad) the inverse is
+    # skipped.
     loss, logabsdet, singular, _ = ops.dmi.default(
         input, target, from_logits, normalize, float(eps), ignore_index,
-        _reduction_code(reduction), validate)
+        _reduction_code(reduction), validate, False)
     if return_info:
         return loss, DMIInfo(logabsdet, singular)
     return loss

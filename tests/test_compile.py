@@ -14,10 +14,12 @@ ops = torch.ops.dmi_ext
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("reduction", [0, 1])
-def test_opcheck_dmi(device, kind, requires_grad, reduction):
+@pytest.mark.parametrize("need_grad_table", [True, False])
+def test_opcheck_dmi(device, kind, requires_grad, reduction, need_grad_table):
     x, y = make_case(kind, 12, 3, n_ignored=2, device=device)
     x.requires_grad_(requires_grad)
-    torch.library.opcheck(ops.dmi.default, (x, y, True, True, 0.0, -100, reduction, True))
+    torch.library.opcheck(ops.dmi.default,
+                          (x, y, True, True, 0.0, -100, reduction, True, need_grad_table))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -313,3 +313,26 @@ def test_library_lu_after_set_num_threads(tmp_path):
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("C", [10, 100, 200])
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_without_gradient_skips_the_inverse(device, C, kind):
+    """need_grad_table=False (what dmi_loss asks for under no_grad / inference_mode, or when no
+    input requires grad) stops at the LU: the same loss, log|det U| and flags, bit for bit, and an
+    empty (0, C, C) table."""
+    x, y = make_case(kind, 4 * C, C, dtype=torch.float32, n_ignored=5, device=device)
+    y[..., 0] = -100
+    full = torch.ops.dmi_ext.dmi.default(x, y, True, True, 1e-3, -100, 0, True, True)
+    lean = torch.ops.dmi_ext.dmi.default(x, y, True, True, 1e-3, -100, 0, True, False)
+    for a, b in zip(full[:3], lean[:3]):
+        assert torch.equal(a, b)
+    assert lean[3].shape == (0, C, C) and full[3].shape[1:] == (C, C)
+    with torch.inference_mode():
+        loss, info = dmi_ext.dmi_loss(x, y, eps=1e-3, reduction="none", return_info=True)
+    assert torch.equal(loss, full[0]) and torch.equal(info.logabsdet, full[1])
+    # A gradient can follow: the autograd kernel asks for the table whatever the call says.
+    xg = x.clone().requires_grad_(True)
+    out = torch.ops.dmi_ext.dmi.default(xg, y, True, True, 1e-3, -100, 1, True, False)
+    (grad,) = torch.autograd.grad(out[0], xg)
+    assert out[3].shape[0] > 0 and torch.isfinite(grad).all()

@@ -21,7 +21,7 @@ void write_as(const at::Tensor& out, const double* values, int64_t n) {
 
 LossOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from_logits,
                     bool normalize, double eps, int64_t ignore_index, int64_t reduction,
-                    bool validate) {
+                    bool validate, bool need_grad_table) {
   const Layout L = check_forward(input, target, eps, reduction);
   const int64_t G = L.matrices(), C = L.classes;
   // Through PyTorch's allocator, so that memory profiles see the workspace.
@@ -34,9 +34,10 @@ LossOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from
   const auto opts = input.options();
   const std::vector<int64_t> mshape = matrix_shape(L);
   at::Tensor singular = at::empty(mshape, opts.dtype(at::kBool));
-  at::Tensor table = at::empty({G, C, C}, opts.dtype(at::kDouble));
-  lu_loss_all(sums.const_data_ptr<double>(), counts.data(), G, C, normalize, eps, loss.data(), lad.data(),
-              singular.data_ptr<bool>(), table.data_ptr<double>());
+  at::Tensor table = at::empty({need_grad_table ? G : 0, C, C}, opts.dtype(at::kDouble));
+  lu_loss_all(sums.const_data_ptr<double>(), counts.data(), G, C, normalize, eps, loss.data(),
+              lad.data(), singular.data_ptr<bool>(),
+              need_grad_table ? table.data_ptr<double>() : nullptr);
 
   const at::ScalarType dtype = loss_dtype(input.scalar_type());
   at::Tensor out_lad = at::empty(mshape, opts.dtype(dtype));

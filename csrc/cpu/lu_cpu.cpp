@@ -79,7 +79,11 @@ DMI_INLINE void eliminate(double* rr, const double* rk, int64_t CP, const Lane& 
 // stride at compile time for the common small C. A is scaled so that max|A| is in [1, 2); returns
 // false at the first pivot with |pivot| <= tol (the singular rule, dmi_math.h): A is singular and
 // left half-eliminated.
-template <int64_t kCP>
+//
+// With kInverse false it stops at the LU, which is all log|det A| needs (a forward that no
+// gradient will follow): only the rows below each pivot and the columns from the pivot on are
+// updated, and the pivots, so log|det A| and the singular flag, are bitwise those of the inverse.
+template <int64_t kCP, bool kInverse>
 DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, double tol,
                                   int64_t* swaps, double* logabsdet) {
   const int64_t CP = kCP > 0 ? kCP : CP_runtime;
@@ -97,7 +101,7 @@ DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, doub
     const Lane lane_k(k);
     scale_pivot_row(rk, CP, lane_k, inv);
     if (k + 1 == C) {  // the last pivot, alone
-      for (int64_t r = 0; r < C; ++r) {
+      for (int64_t r = 0; r < (kInverse ? C : 0); ++r) {
         const double f = A[r * CP + k];
         if (r != k && f != 0.0) eliminate(A + r * CP, rk, CP, lane_k, f, inv);
       }
@@ -127,14 +131,15 @@ DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, doub
     scale_pivot_row(r1, CP, lane_k1, inv1);
     // Row k as step k left it, column k + 1 zeroed (step k + 1 sets that column itself).
     for (int64_t c = 0; c < CP; c += 4) store4(saved_row + c, lane_k1.set(c, load4(rk + c), 0.0));
-    eliminate(rk, r1, CP, lane_k1, rk_k1, inv1);  // row k through step k + 1
-    for (int64_t r = 0; r < C; ++r) {
+    if (kInverse) eliminate(rk, r1, CP, lane_k1, rk_k1, inv1);  // row k through step k + 1
+    const int64_t c0 = kInverse ? 0 : k / 4 * 4;  // the LU alone never reads columns left of k
+    for (int64_t r = kInverse ? 0 : k1 + 1; r < C; ++r) {
       if (r == k || r == k1) continue;
       double* rr = A + r * CP;
       const double f = rr[k];
       const double f1 = rr[k1] - f * rk_k1;  // column k + 1 after step k
       if (f == 0.0 && f1 == 0.0) continue;
-      for (int64_t c = 0; c < CP; c += 4) {
+      for (int64_t c = c0; c < CP; c += 4) {
         const v4d v = lane_k1.set(c, lane_k.set(c, load4(rr + c), 0.0), 0.0);
         store4(rr + c, v - f * load4(saved_row + c) - f1 * load4(r1 + c));
       }
@@ -142,7 +147,7 @@ DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, doub
     k += 2;
   }
   // The rows were swapped as they were eliminated: the inverse's columns swap back, last first.
-  for (int64_t k = C - 1; k >= 0; --k) {
+  for (int64_t k = kInverse ? C - 1 : -1; k >= 0; --k) {
     if (swaps[k] == k) continue;
     for (int64_t r = 0; r < C; ++r) std::swap(A[r * CP + k], A[r * CP + swaps[k]]);
   }
@@ -150,15 +155,26 @@ DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, doub
   return true;
 }
 
+template <bool kInverse>
+DMI_INLINE bool gauss_jordan(double* A, int64_t C, int64_t CP, double tol, int64_t* swaps,
+                             double* logabsdet) {
+  switch (CP) {
+    case 4: return gauss_jordan_impl<4, kInverse>(A, C, CP, tol, swaps, logabsdet);
+    case 8: return gauss_jordan_impl<8, kInverse>(A, C, CP, tol, swaps, logabsdet);
+    case 12: return gauss_jordan_impl<12, kInverse>(A, C, CP, tol, swaps, logabsdet);
+    case 16: return gauss_jordan_impl<16, kInverse>(A, C, CP, tol, swaps, logabsdet);
+    default: return gauss_jordan_impl<0, kInverse>(A, C, CP, tol, swaps, logabsdet);
+  }
+}
+
 DMI_CPU_CLONES bool gauss_jordan_inverse(double* A, int64_t C, int64_t CP, double tol,
                                          int64_t* swaps, double* logabsdet) {
-  switch (CP) {
-    case 4: return gauss_jordan_impl<4>(A, C, CP, tol, swaps, logabsdet);
-    case 8: return gauss_jordan_impl<8>(A, C, CP, tol, swaps, logabsdet);
-    case 12: return gauss_jordan_impl<12>(A, C, CP, tol, swaps, logabsdet);
-    case 16: return gauss_jordan_impl<16>(A, C, CP, tol, swaps, logabsdet);
-    default: return gauss_jordan_impl<0>(A, C, CP, tol, swaps, logabsdet);
-  }
+  return gauss_jordan<true>(A, C, CP, tol, swaps, logabsdet);
+}
+
+DMI_CPU_CLONES bool lu_pivots(double* A, int64_t C, int64_t CP, double tol, int64_t* swaps,
+                              double* logabsdet) {
+  return gauss_jordan<false>(A, C, CP, tol, swaps, logabsdet);
 }
 
 // x * 2^e, exact unless the result leaves the double range; a multiply in the common case.
@@ -227,17 +243,21 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
       const double s = joint_scale(counts[g], normalize);
       eq.scale(sums + g * CC, C, s, A.data(), CP);
       double lad = 0.0;
-      const bool ok = gauss_jordan_inverse(A.data(), C, CP, pivot_tolerance(C), swaps.data(), &lad);
-      double* table = grad_table + g * CC;
+      const bool ok =
+          grad_table ? gauss_jordan_inverse(A.data(), C, CP, pivot_tolerance(C), swaps.data(), &lad)
+                     : lu_pivots(A.data(), C, CP, pivot_tolerance(C), swaps.data(), &lad);
+      double* table = grad_table ? grad_table + g * CC : nullptr;
       if (!ok) {
         lad = -std::numeric_limits<double>::infinity();
-        std::fill(table, table + CC, 0.0);
-      } else {  // table = -w s U^{-T}
+        if (table) std::fill(table, table + CC, 0.0);
+      } else {
         lad += eq.total * kLn2;
-        const double f = -det_weight(lad, log_eps) * s;
-        for (int64_t t = 0; t < C; ++t)
-          for (int64_t k = 0; k < C; ++k)
-            table[t * C + k] = f * eq.unscale_inverse(A[k * CP + t], k, t);
+        if (table) {  // table = -w s U^{-T}
+          const double f = -det_weight(lad, log_eps) * s;
+          for (int64_t t = 0; t < C; ++t)
+            for (int64_t k = 0; k < C; ++k)
+              table[t * C + k] = f * eq.unscale_inverse(A[k * CP + t], k, t);
+        }
       }
       singular[g] = !ok;
       logabsdet[g] = lad;
@@ -272,6 +292,7 @@ void lu_loss_lapack(const double* sums, const int64_t* counts, int64_t G, int64_
     singular[g] = sing;
     logabsdet[g] = l;
     loss[g] = loss_from_logabsdet(l, log_eps);
+    if (!table) continue;
     double* out = table + g * CC;
     if (sing) {
       std::fill(out, out + CC, 0.0);

@@ -7,8 +7,9 @@
 namespace dmi_ext::cpu {
 
 // sums: G x C x C float64 and counts: G int64, contiguous. Writes per-matrix float64 loss and
-// logabsdet, singular flags and grad_table (G x C x C float64). Up to kFusedMaxClasses the LU is
-// ours, one matrix per task; above it ATen's (LAPACK).
+// logabsdet, singular flags and grad_table (G x C x C float64); grad_table == nullptr skips the
+// inverse (log|det U| needs only the LU). Up to kFusedMaxClasses the LU is ours, one matrix per
+// task; above it ATen's (LAPACK).
 void lu_loss_all(const double* sums, const int64_t* counts, int64_t G, int64_t C, bool normalize,
                  double eps, double* loss, double* logabsdet, bool* singular, double* grad_table);
 

@@ -56,9 +56,15 @@ void raise_recorded_errors(const at::Tensor& errors, const at::Tensor& input,
 
 namespace {
 
+// need_grad_table=False: the (0, C, C) table of the op's contract. The kernels still compute the
+// inverse (a GPU forward that skips it is future work; on the CPU it is skipped).
+at::Tensor no_table_unless(bool need_grad_table, const at::Tensor& table) {
+  return need_grad_table ? table : table.narrow(0, 0, 0);
+}
+
 LossOutputs dmi_cuda(const at::Tensor& input, const at::Tensor& target, bool from_logits,
                      bool normalize, double eps, int64_t ignore_index, int64_t reduction,
-                     bool validate) {
+                     bool validate, bool need_grad_table) {
   const Layout L = check_forward(input, target, eps, reduction);
   const c10::cuda::CUDAGuard guard(input.device());
   check_validate_allowed(validate);
@@ -76,7 +82,8 @@ LossOutputs dmi_cuda(const at::Tensor& input, const at::Tensor& target, bool fro
     ForwardOutputs out = run_forward(input, target, L, o);
     if (validate) raise_recorded_errors(out.errors, input, target, L, ignore_index);
     at::Tensor loss = reduction == kReductionNone ? out.loss.view(mshape) : out.loss;
-    return {loss, out.logabsdet.view(mshape), out.singular.view(mshape), out.grad_table};
+    return {loss, out.logabsdet.view(mshape), out.singular.view(mshape),
+            no_table_unless(need_grad_table, out.grad_table)};
   }
 
   o.fused = false;
@@ -92,7 +99,8 @@ LossOutputs dmi_cuda(const at::Tensor& input, const at::Tensor& target, bool fro
     if (reduction == kReductionMean) total = total / static_cast<double>(L.matrices());
     out = total.to(dtype);
   }
-  return {out, lad.to(dtype).view(mshape), singular.view(mshape), table};
+  return {out, lad.to(dtype).view(mshape), singular.view(mshape),
+          no_table_unless(need_grad_table, table)};
 }
 
 }  // namespace
