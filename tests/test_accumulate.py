@@ -316,8 +316,6 @@ def test_memory_is_one_micro_batch_graph():
     # not more than one micro-batch's graph (less by the logits the loss itself saves)
     assert 0.99 * micro.peak <= two_pass.peak <= micro.peak
     # the one-graph run holds 8 micro-batches' activations (and the saved weights once)
-    activations_per_row = (one_graph.peak - micro.peak) / (4096 - 512)
-    assert two_pass.peak < micro.peak - 511 * activations_per_row + 1  # 1 micro-batch, not 2
     assert one_graph.peak > 6 * two_pass.peak
 
 
