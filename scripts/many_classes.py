@@ -184,8 +184,9 @@ def write(rows, args, out_dir):
     ax.bar(range(len(COLUMNS)), means, yerr=stds, color=colors, capsize=4)
     for k, key in enumerate(key for key, _ in COLUMNS):
         ax.scatter([k] * len(rows), [r[key] for r in rows], color="k", s=8, zorder=3)
-    ax.set_xticks(range(len(COLUMNS)), [name.replace(", ", "\n") for _, name in COLUMNS],
-                  fontsize=8)
+    ax.set_xticks(range(len(COLUMNS)),
+                  [name.replace(", ", "\n").replace("class-covering ", "class-\ncovering ")
+                   for _, name in COLUMNS], fontsize=8)
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_title(f"digits-pairs (100 classes), tens digit flipped, r = {args.rate}, "
                  f"{len(rows)} seeds")
@@ -202,7 +203,15 @@ def main():
     parser.add_argument("--virtual-epochs", type=int, default=30)
     parser.add_argument("--virtual-lr", type=float, default=1e-3)
     parser.add_argument("--covering-batch", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--replot", action="store_true",
+                        help="rewrite results.md and accuracy.png from --out's results.json")
     args = parser.parse_args()
+    if args.replot:
+        with open(os.path.join(args.out, "results.json")) as handle:
+            saved = json.load(handle)
+        for key in ("rate", "virtual_batch", "virtual_epochs", "virtual_lr", "covering_batch"):
+            setattr(args, key, saved[key])
+        return write(saved["runs"], args, args.out)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     config = TrainConfig(dmi_batch_size=128)  # the batch the baselines train with
