@@ -405,8 +405,28 @@ def scenario_grad_reduce_sum_and_failed_check(rank, world):
         dmi_ext.DMIAccumulator().backward(model, xs[mine], bad)
 
 
+def scenario_sampler_shares_from_the_process_group(rank, world):
+    """ClassCoveringBatchSampler takes rank and world size from the group; the ranks' shares of
+    each batch are disjoint and make up the one-process batch, so the distributed loss over
+    them never sees a singular U (100 classes, batches of 256)."""
+    import dmi_ext.distributed
+
+    labels = torch.arange(2560) % 100
+    sampler = dmi_ext.ClassCoveringBatchSampler(labels, 256, seed=3)
+    assert (sampler.rank, sampler.num_replicas) == (rank, world)
+    whole = dmi_ext.ClassCoveringBatchSampler(labels, 256, seed=3, num_replicas=1, rank=0)
+    logits = torch.randn(2560, 100, generator=torch.Generator().manual_seed(0))
+    for share, batch in zip(sampler, whole):
+        shares = [None] * world
+        dist.all_gather_object(shares, share)
+        assert sorted(sum(shares, [])) == sorted(batch)
+        _, info = dmi_ext.distributed.dmi_loss(logits[share], labels[share], return_info=True)
+        assert not info.singular
+
+
 SCENARIOS = {f.__name__: f for f in [scenario_ddp_two_micro_batches,
-                                     scenario_grad_reduce_sum_and_failed_check]}
+                                     scenario_grad_reduce_sum_and_failed_check,
+                                     scenario_sampler_shares_from_the_process_group]}
 
 
 def _run_rank(rank, world, store_path, report_dir):
