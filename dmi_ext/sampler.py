@@ -65,9 +65,10 @@ class ClassCoveringBatchSampler(Sampler[List[int]]):
                              f"got {rank!r}")
         self.batch_size = batch_size
         self.num_batches = max(1, len(labels) // batch_size)
-        if len(labels) // self.num_batches < num_replicas:
-            raise ValueError(f"argument 'num_replicas': batches of {len(labels) // self.num_batches}"
-                             f" samples cannot be shared by {num_replicas} ranks (each needs one)")
+        smallest = len(labels) // self.num_batches
+        if smallest < num_replicas:
+            raise ValueError(f"argument 'num_replicas': batches of {smallest} samples cannot be "
+                             f"shared by {num_replicas} ranks (each needs one)")
         self.seed, self.num_replicas, self.rank = int(seed), num_replicas, rank
         self.epoch = 0
         classes, inverse = np.unique(labels.numpy(), return_inverse=True)

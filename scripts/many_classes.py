@@ -22,14 +22,12 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import dmi_ext  # noqa: E402
 from dmi_ext.toolkit.data import load_dataset, make_splits, noise_transition  # noqa: E402
-from dmi_ext.toolkit.methods import (METHODS, new_model, run_method, train_phase,  # noqa: E402
-                                     warm_up)
+from dmi_ext.toolkit.methods import METHODS, new_model, run_method, warm_up  # noqa: E402
 from dmi_ext.toolkit.models import predict_logits  # noqa: E402
 from dmi_ext.toolkit.train import (Batches, Phase, TrainConfig, accuracy,  # noqa: E402
                                    derived_seed, finite_or_inf, fit)
