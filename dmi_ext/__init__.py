@@ -12,9 +12,13 @@ from . import reference
 from ._ops import FUSED_MAX_CLASSES, WITH_CUDA
 from .functional import DMIInfo, dmi_loss, joint_matrix
 from .loss import DMILoss
+from .accumulate import DMIAccumulator, DMIResult, should_step
+from .sampler import ClassCoveringBatchSampler
 
 __all__ = ["dmi_loss", "joint_matrix", "DMILoss", "DMIInfo", "reference", "FUSED_MAX_CLASSES",
            "WITH_CUDA"]
+__all__ += ["DMIAccumulator", "DMIResult", "should_step"]
+__all__ += ["ClassCoveringBatchSampler"]
 __version__ = "0.1.0"
 
 

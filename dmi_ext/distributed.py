@@ -57,6 +57,79 @@ def _joint_matrices_shape(input: Tensor, target: Tensor) -> Optional[tuple]:
     return (target.shape[0] if input.dim() == 2 else input.shape[0], C, C)
 
 
+def _local_joint(input: Tensor, target: Tensor, from_logits: bool, ignore_index: int,
+                 validate: bool):
+    """This rank's joint sums and counts, and the error of its input checks (or None).
+
+    On a failed check the sums are zeros of the right shape, so that the rank still takes part in
+    the collective (and the other ranks fail instead of hanging); ``_sum_over_ranks`` raises the
+    error after it. A shape that cannot even be read raises at once.
+    """
+    try:
+        sums, counts = ops.joint.default(input, target, from_logits, ignore_index, validate)
+        return sums, counts, None
+    except (ValueError, TypeError, IndexError, RuntimeError) as error:
+        shape = _joint_matrices_shape(input, target)
+        if shape is None:
+            raise
+        sums = torch.zeros(shape, dtype=torch.float64, device=input.device)
+        counts = torch.zeros(shape[:-2], dtype=torch.int64, device=input.device)
+        return sums, counts, error
+
+
+def _sum_over_ranks(sums: Tensor, counts: Tensor, local_error, group, validate: bool):
+    """The group's joint sums and counts: one all-reduce of [sums, counts, failed-check flag].
+
+    Raises ``local_error`` (this rank's failed check) after the collective; a failure on another
+    rank raises a ValueError (``validate=True``) or makes the sums NaN (``validate=False``, no
+    host sync).
+    """
+    failed = torch.full((1,), float(local_error is not None), dtype=torch.float64,
+                        device=sums.device)
+    # One buffer, one collective: [sums, counts, number of ranks whose checks failed].
+    # Counts are exact in float64 up to 2**53 rows.
+    packed = torch.cat([sums.reshape(-1), counts.reshape(-1).to(torch.float64), failed])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    if local_error is not None:
+        raise local_error
+    n_sums = sums.numel()
+    global_sums = packed[:n_sums].view(sums.shape)
+    global_counts = packed[n_sums:-1].round().to(torch.int64).view(counts.shape)
+    ranks_failed = packed[-1]
+    if validate:
+        # A host sync, as the label checks of validate=True already are on a GPU.
+        n_failed = int(ranks_failed.item())
+        if n_failed > 0:
+            raise ValueError(
+                f"dmi_ext: the input checks of the distributed DMI loss failed on {n_failed} "
+                f"other rank(s) of the process group (see the error raised there); the loss "
+                f"of the global batch is undefined")
+    else:
+        # No sync: as for a bad label with validate=False, the loss becomes NaN instead.
+        global_sums = global_sums + torch.where(ranks_failed > 0, float("nan"), 0.0)
+    return global_sums, global_counts
+
+
+def _grad_multiplier(group, grad_reduce: str) -> int:
+    """What each rank's local gradient is multiplied by: W when the ranks' gradients are then
+    averaged (DDP), 1 when they are summed."""
+    return dist.get_world_size(group) if grad_reduce == "mean" else 1
+
+
+def _loss_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
+def _reduced(loss: Tensor, reduction: int, dtype: torch.dtype) -> Tensor:
+    """The per-matrix float64 losses reduced by the op's reduction code, in the loss dtype."""
+    if reduction == 0:
+        return loss.to(dtype)
+    out = loss.sum()
+    if reduction == 1:
+        out = out / loss.numel()
+    return out.to(dtype)
+
+
 class _GlobalBatchDMI(torch.autograd.Function):
     """Forward: local joint sums -> one all-reduce -> loss of the global batch. Backward: this
     rank's rows from the global grad table, times the gradient multiplier."""
@@ -64,51 +137,14 @@ class _GlobalBatchDMI(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, group, from_logits, normalize, eps, ignore_index, reduction,
                 validate, grad_multiplier):
-        try:
-            sums, counts = ops.joint.default(input, target, from_logits, ignore_index, validate)
-            local_error = None
-        except (ValueError, TypeError, IndexError, RuntimeError) as error:
-            # Still take part in the collective, so that the other ranks fail instead of hanging.
-            shape = _joint_matrices_shape(input, target)
-            if shape is None:
-                raise
-            local_error = error
-            sums = torch.zeros(shape, dtype=torch.float64, device=input.device)
-            counts = torch.zeros(shape[:-2], dtype=torch.int64, device=input.device)
-        failed = torch.full((1,), float(local_error is not None), dtype=torch.float64,
-                            device=sums.device)
-        # One buffer, one collective: [sums, counts, number of ranks whose checks failed].
-        # Counts are exact in float64 up to 2**53 rows.
-        packed = torch.cat([sums.reshape(-1), counts.reshape(-1).to(torch.float64), failed])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        if local_error is not None:
-            raise local_error
-        n_sums = sums.numel()
-        global_sums = packed[:n_sums].view(sums.shape)
-        global_counts = packed[n_sums:-1].round().to(torch.int64).view(counts.shape)
-        ranks_failed = packed[-1]
-        if validate:
-            # A host sync, as the label checks of validate=True already are on a GPU.
-            n_failed = int(ranks_failed.item())
-            if n_failed > 0:
-                raise ValueError(
-                    f"dmi_ext: the input checks of the distributed DMI loss failed on {n_failed} "
-                    f"other rank(s) of the process group (see the error raised there); the loss "
-                    f"of the global batch is undefined")
-        else:
-            # No sync: as for a bad label with validate=False, the loss becomes NaN instead.
-            global_sums = global_sums + torch.where(ranks_failed > 0, float("nan"), 0.0)
+        sums, counts, local_error = _local_joint(input, target, from_logits, ignore_index,
+                                                 validate)
+        global_sums, global_counts = _sum_over_ranks(sums, counts, local_error, group, validate)
 
         loss, logabsdet, singular, grad_table = ops.lu_loss.default(
             global_sums, global_counts, normalize, eps)
-        dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-        if reduction == 0:
-            out = loss.to(dtype)
-        else:
-            out = loss.sum()
-            if reduction == 1:
-                out = out / loss.numel()
-            out = out.to(dtype)
+        dtype = _loss_dtype(input.dtype)
+        out = _reduced(loss, reduction, dtype)
 
         ctx.save_for_backward(input, target, grad_table)
         ctx.from_logits = from_logits
@@ -170,7 +206,7 @@ def dmi_loss(
             input, target, from_logits=from_logits, normalize=normalize, eps=eps,
             ignore_index=ignore_index, reduction=reduction, validate=validate,
             return_info=return_info)
-    grad_multiplier = dist.get_world_size(group) if grad_reduce == "mean" else 1
+    grad_multiplier = _grad_multiplier(group, grad_reduce)
     loss, logabsdet, singular = _GlobalBatchDMI.apply(
         input, target, group, from_logits, normalize, float(eps), ignore_index,
         _reduction_code(reduction), validate, grad_multiplier)

@@ -17,14 +17,15 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import DIGIT_PAIRS, NOISE_KINDS, load_dataset, make_splits, noise_transition
+from .data import (DIGIT_FLIP, DIGIT_PAIRS, NOISE_KINDS, load_dataset, make_splits,
+                   noise_transition)
 from .methods import FW_TRANSITIONS, METHODS, run_method
 from .models import MODELS
 from .parallel import rank_and_world, run_data_parallel
 from .reproduce import FULL_GRID, QUICK_GRID, Grid, reproduce
 from .train import TrainConfig
 
-NOISE_CHOICES = ("none", *NOISE_KINDS, "matrix")
+NOISE_CHOICES = ("none", *NOISE_KINDS, DIGIT_FLIP, "matrix")
 CHOICES = {"model": MODELS, "fw_transition": FW_TRANSITIONS}
 
 
@@ -86,14 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: dmi)")
     train.add_argument("--data", default=None,
                        help="'digits' (10 classes), 'digits-binary' (digit 0 = class 0, 10 %%, "
-                            "vs the rest = class 1), or a .npz file with arrays X and y or a .csv "
-                            "file (label in the last column, optional header row). Default: "
-                            "digits-binary for the binary noise kinds, digits otherwise")
+                            "vs the rest = class 1), 'digits-pairs' (two digits side by side, "
+                            "label 10 a + b: 100 classes), or a .npz file with arrays X and y "
+                            "or a .csv file (label in the last column, optional header row). "
+                            "Default: digits-binary for the binary noise kinds, digits-pairs "
+                            "for digitflip, digits otherwise")
     train.add_argument("--noise", choices=NOISE_CHOICES, default="pairflip",
                        help="uniform: r spread over the other classes; pairflip: each --pairs "
                             "source flips to its destination with rate r; binary1/2/3: the "
                             "paper's binary cases (1) symmetric, (2) class 0 -> 1, (3) class "
-                            "1 -> 0; matrix: the --transition file; none: clean (default: "
+                            "1 -> 0; digitflip: the tens digit of a digits-pairs label flips "
+                            "like --pairs; matrix: the --transition file; none: clean (default: "
                             "pairflip)")
     train.add_argument("--rate", type=_rate, default=0.7, help="noise rate r in [0, 1] "
                                                                "(default: 0.7)")
@@ -204,7 +208,7 @@ def _train_seeds(args: argparse.Namespace, dataset, T: np.ndarray,
 
 def command_train(args: argparse.Namespace) -> int:
     config = _config(args)
-    data = args.data or NOISE_KINDS.get(args.noise, "digits")
+    data = args.data or {**NOISE_KINDS, DIGIT_FLIP: "digits-pairs"}.get(args.noise, "digits")
     dataset = load_dataset(data)  # bad files fail here, before torch is configured
     matrix = _load_transition(args.transition) if args.noise == "matrix" else None
     T = noise_transition(args.noise, dataset.num_classes, args.rate, args.pairs, matrix)

@@ -2,7 +2,8 @@
 
 A ``Dataset`` is features plus clean integer labels 0..C-1. It comes from scikit-learn's bundled
 ``load_digits`` (no download: the 10-class task, or the binary task "digit 0 vs the rest", a 10 % /
-90 % split like the paper's bags vs clothes) or from a user's ``.npz`` / ``.csv`` file.
+90 % split like the paper's bags vs clothes; ``digits-pairs``, 100 classes of two digits side by
+side) or from a user's ``.npz`` / ``.csv`` file.
 ``make_splits`` cuts it into stratified train / validation / test parts, standardises the
 features with training statistics, and corrupts the training and validation labels (never the
 test labels) with a transition matrix from ``noise_transition``.
@@ -20,7 +21,7 @@ import torch
 from ..noise import (binary_case_matrix, corrupt_labels, pair_flip_matrix, uniform_noise_matrix,
                      validate_transition_matrix)
 
-BUILTIN_DATASETS = ("digits", "digits-binary")
+BUILTIN_DATASETS = ("digits", "digits-binary", "digits-pairs")
 
 # Digit pairs that look alike, flipped like the paper's CIFAR-10 pairs (truck -> automobile, ...).
 DIGIT_PAIRS = ((7, 1), (3, 8), (5, 6), (4, 9))
@@ -33,6 +34,9 @@ NOISE_KINDS = {
     "binary2": "digits-binary",
     "binary3": "digits-binary",
 }
+# Noise for digits-pairs (outside the paper's grid): the tens digit a of 10a + b flips to its
+# pair's destination (7 -> 1, ...) with rate r.
+DIGIT_FLIP = "digitflip"
 
 
 class Dataset(NamedTuple):
@@ -78,6 +82,58 @@ class Splits:
         return tuple(self.train.x.shape[1:])
 
 
+@dataclass(frozen=True)
+class DigitPairs:
+    """``digits-pairs``: two digit images side by side (8 x 16), class 10 a + b, 100 classes.
+
+    The digit images are split first (stratified train / validation / test pools, by seed), and
+    each part's pairs are drawn from its own pool only, so no test pair shares a half with a
+    training pair. Each part has the same number of pairs of every class: ``pairs_per_class``
+    for training and as many per image for validation and testing (e.g. 200 / 67 / 67 with the
+    default 60 / 20 / 20 split).
+    """
+
+    digits: Dataset  # the 1797 bundled digit images, labels 0..9
+    pairs_per_class: int = 200
+    name: str = "digits-pairs"
+    class_names: Tuple[str, ...] = tuple(f"{k:02d}" for k in range(100))
+
+    @property
+    def num_classes(self) -> int:
+        return 100
+
+    def compose(self, seed: int, val_fraction: float,
+                test_fraction: float) -> Tuple[Dataset, Tuple[np.ndarray, ...]]:
+        """The pairs of one seed, and the rows of its train / validation / test parts."""
+        pools = stratified_indices(self.digits.y, val_fraction, test_fraction, seed)
+        train_fraction = 1.0 - val_fraction - test_fraction
+        rng = np.random.default_rng([seed, 2])  # its own stream, like the noise's
+        xs, ys, parts, start = [], [], [], 0
+        for pool, fraction in zip(pools, (train_fraction, val_fraction, test_fraction)):
+            per_class = max(1, round(self.pairs_per_class * fraction / train_fraction))
+            by_digit = [pool[self.digits.y[pool] == d] for d in range(10)]
+            label = np.repeat(np.arange(100), per_class)
+            halves = []
+            for digit_of_label in (label // 10, label % 10):  # left image, right image
+                image = np.empty(len(label), dtype=np.int64)
+                for d in range(10):
+                    rows = np.flatnonzero(digit_of_label == d)
+                    image[rows] = by_digit[d][rng.integers(len(by_digit[d]), size=len(rows))]
+                halves.append(self.digits.x[image])
+            xs.append(np.concatenate(halves, axis=-1))
+            ys.append(label)
+            parts.append(np.arange(start, start + len(label)))
+            start += len(label)
+        pairs = Dataset(np.concatenate(xs), np.concatenate(ys), self.class_names, self.name)
+        return pairs, tuple(parts)
+
+
+def digit_flip_matrix(rate: float, pairs: Sequence[Tuple[int, int]] = DIGIT_PAIRS) -> np.ndarray:
+    """100 x 100 noise of digits-pairs: the tens digit flips to its pair (row 10 a + b puts
+    ``rate`` on 10 a' + b for each pair (a, a')); the units digit stays."""
+    return np.kron(pair_flip_matrix(10, pairs, rate), np.eye(10))
+
+
 def _require_sklearn():
     try:
         import sklearn  # noqa: F401
@@ -88,7 +144,7 @@ def _require_sklearn():
 
 def load_builtin(name: str) -> Dataset:
     """``digits``: 1797 8 x 8 images, 10 classes. ``digits-binary``: class 0 = digit 0 (10 %),
-    class 1 = any other digit (90 %)."""
+    class 1 = any other digit (90 %). ``digits-pairs``: see ``DigitPairs``."""
     _require_sklearn()
     from sklearn.datasets import load_digits
 
@@ -99,6 +155,8 @@ def load_builtin(name: str) -> Dataset:
     y = digits.target.astype(np.int64)
     if name == "digits":
         return Dataset(x, y, tuple(str(k) for k in range(10)), name)
+    if name == "digits-pairs":
+        return DigitPairs(Dataset(x, y, tuple(str(k) for k in range(10)), "digits"))
     return Dataset(x, (y != 0).astype(np.int64), ("digit 0", "digits 1-9"), name)
 
 
@@ -219,6 +277,11 @@ def noise_transition(kind: str, num_classes: int, rate: float,
             raise ValueError(f"noise {kind!r} is for 2 classes, the data has {num_classes} "
                              "(use --data digits-binary or a two-class file)")
         return binary_case_matrix(int(kind[-1]), rate)
+    if kind == DIGIT_FLIP:
+        if num_classes != 100:
+            raise ValueError(f"noise {kind!r} is for the 100 classes of digits-pairs, the data "
+                             f"has {num_classes} (use --data digits-pairs)")
+        return digit_flip_matrix(rate, pairs)
     if kind == "matrix":
         if matrix is None:
             raise ValueError("noise 'matrix' needs a transition matrix (--transition FILE)")
@@ -227,7 +290,8 @@ def noise_transition(kind: str, num_classes: int, rate: float,
             raise ValueError(f"argument 'transition' is {T.shape[0]} x {T.shape[0]} but the data "
                              f"has {num_classes} classes")
         return T
-    raise ValueError(f"argument 'noise' must be one of {('none', *NOISE_KINDS, 'matrix')}, "
+    raise ValueError(f"argument 'noise' must be one of "
+                     f"{('none', *NOISE_KINDS, DIGIT_FLIP, 'matrix')}, "
                      f"got {kind!r}")
 
 
@@ -267,7 +331,10 @@ def make_splits(dataset: Dataset, transition, seed: int, val_fraction: float = 0
     if T.shape[0] != dataset.num_classes:
         raise ValueError(f"argument 'transition' is {T.shape[0]} x {T.shape[0]} but dataset "
                          f"{dataset.name!r} has {dataset.num_classes} classes")
-    train, val, test = stratified_indices(dataset.y, val_fraction, test_fraction, seed)
+    if isinstance(dataset, DigitPairs):  # split the digit images, then pair within each part
+        dataset, (train, val, test) = dataset.compose(seed, val_fraction, test_fraction)
+    else:
+        train, val, test = stratified_indices(dataset.y, val_fraction, test_fraction, seed)
     mean = dataset.x[train].mean(axis=0)
     std = dataset.x[train].std(axis=0)
     std = np.where(std > 1e-8, std, 1.0).astype(np.float32)

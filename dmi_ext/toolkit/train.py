@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import should_step
 from .models import predict_logits
 from .parallel import for_global_batch
 
@@ -171,7 +172,7 @@ def fit(model: nn.Module, phase: Phase, loader: Iterable, val_x: Tensor, val_y: 
             logits = replica(x)
             targets = y if relabel is None else relabel(logits.detach(), y, index)
             loss = train_loss(logits, targets)
-            if not torch.isfinite(loss):
+            if not should_step(loss):
                 # L_DMI is +inf with a zero gradient when a class is missing from the batch:
                 # there is nothing to learn from it, and an Adam step would only replay momentum.
                 # (The loss is that of the global batch, so every rank skips alike.)
