@@ -80,6 +80,10 @@ DMI_INLINE v8f exp_nonpositive(v8f x) {
   }
 }
 
+// Up to this many classes, accumulate_rows sums a tile into a padded float64 C x C block first
+// (whole-vector row updates), then adds the block into U.
+constexpr int64_t kBlockMaxClasses = 32;
+
 DMI_INLINE float hsum(v8f v) {
   v4f lo, hi;
   std::memcpy(&lo, &v, sizeof lo);
