@@ -30,34 +30,30 @@ DMI_INLINE v8i lanes_below(int64_t n) {
   const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
   return lane < static_cast<int32_t>(n);
 }
-// The max of v's lanes, in every lane (no extract and broadcast: a per-row cost).
-DMI_INLINE v8f max_all_lanes(v8f v) {
-  v8f w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
-  v = select(w > v, w, v);
-  w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
-  v = select(w > v, w, v);
-  w = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
-  return select(w > v, w, v);
+DMI_INLINE float hmax(v8f v) {
+  v4f lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  v4f a = lo > hi ? lo : hi;
+  v4f b = __builtin_shufflevector(a, a, 2, 3, 0, 1);
+  a = a > b ? a : b;
+  b = __builtin_shufflevector(a, a, 1, 0, 3, 2);
+  a = a > b ? a : b;
+  return a[0];
 }
 
 // Below this, exp_nonpositive returns 0: e^-104 is under half the smallest subnormal float.
 constexpr float kExpLow = -104.0f;
-// From here up, e^x is a normal float and 2^n can be added to the exponent field directly.
-constexpr float kExpNormalLow = -87.0f;
 
 // exp(x) for x <= 0 or -inf, to under one ulp (mean error 0.27 ulp, bias under 0.02 ulp, measured
 // over [-104, 0] against float64 exp), subnormal results included as torch.softmax keeps them:
 // x = n ln2 + r with |r| <= ln2/2 (Cody-Waite, so r is exact), e^r = 1 + r + r^2 q(r) with the
-// Cephes degree-5 q, then the power of two. kSubnormal: 2^n is applied as two normal powers of
-// two 2^(n/2) 2^(n - n/2), so that a result in the subnormal range is rounded once, correctly;
-// otherwise (every lane >= kExpNormalLow, or -inf) n is added to the exponent field. Both give the
-// same bits wherever the result is normal. NaN and +inf are not handled (the caller redoes such
-// tiles exactly).
-template <bool kSubnormal>
+// Cephes degree-5 q, then 2^n applied as two normal powers of two 2^(n/2) 2^(n - n/2), so that a
+// result in the subnormal range is rounded once, correctly. NaN and +inf are not handled here
+// (the caller redoes such tiles exactly).
 DMI_INLINE v8f exp_nonpositive(v8f x) {
   const v8f round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v8f nr = x * 1.44269504088896341f + round;
-  const v8f n = nr - round;
+  const v8f n = (x * 1.44269504088896341f + round) - round;
   v8f r = x - n * 0.693359375f;  // ln 2 in two parts (Cody-Waite) keeps r exact
   r = r - n * -2.12194440e-4f;
   v8f q = splat(1.9875691500e-4f);
@@ -67,17 +63,10 @@ DMI_INLINE v8f exp_nonpositive(v8f x) {
   q = q * r + 1.6666665459e-1f;
   q = q * r + 5.0000001201e-1f;
   const v8f y = q * (r * r) + r + 1.0f;
-  if constexpr (kSubnormal) {
-    const v8i ni = __builtin_convertvector(select(x >= kExpLow, n, splat(0.0f)), v8i);
-    const v8i n1 = ni >> 1, n2 = ni - n1;  // both >= -76: 2^n1 and 2^n2 are normal floats
-    const v8f result = (y * (v8f)((n1 + 127) << 23)) * (v8f)((n2 + 127) << 23);
-    return (v8f)((v8i)result & (x >= kExpLow));
-  } else {
-    // nr's low mantissa bits hold n (two's complement); shifted into the exponent field they add
-    // n to y's exponent. The bits of `round` itself shift out (its low 9 mantissa bits are zero).
-    const v8f result = (v8f)((v8i)y + ((v8i)nr << 23));
-    return (v8f)((v8i)result & (x >= kExpNormalLow));  // -inf -> 0
-  }
+  const v8i ni = __builtin_convertvector(select(x >= kExpLow, n, splat(0.0f)), v8i);
+  const v8i n1 = ni >> 1, n2 = ni - n1;  // both >= -76: 2^n1 and 2^n2 are normal floats
+  const v8f result = (y * (v8f)((n1 + 127) << 23)) * (v8f)((n2 + 127) << 23);
+  return (v8f)((v8i)result & (x >= kExpLow));
 }
 
 // Up to this many classes, accumulate_rows sums a tile into a padded float64 C x C block first
@@ -114,7 +103,6 @@ DMI_INLINE void softmax_rows_float(const float* X, float* E, float* rinv, int64_
   // for the tile's last row, whose read could pass the end of X.
   v8i bad = v8i{};
   bool exact = false;
-  v8f lowest = splat(0.0f);  // the smallest finite shifted logit: is a subnormal exp possible?
   const int64_t n = rows * C;
   for (int64_t i = 0; i < rows; ++i) {
     const float* x = X + i * C;
@@ -135,18 +123,11 @@ DMI_INLINE void softmax_rows_float(const float* X, float* E, float* rinv, int64_
       m = select(last > m, last, m);
       bad |= ~(last < kInf) & tail;
     }
-    const v8f Mv = max_all_lanes(m);
-    exact |= !(Mv[0] > -kInf);  // a row of -inf: NaN, as torch.softmax gives
-    for (int64_t k = 0; k < cv; k += 8) {
-      const v8f d = load8(x + k) - Mv;
-      lowest = select(d < lowest & d > -kInf, d, lowest);
-      store8(e + k, d);
-    }
-    if (cv < C) {  // lanes past C land in the next row or the slack
-      const v8f d = last - Mv;
-      lowest = select(d < lowest & d > -kInf, d, lowest);
-      store8(e + cv, d);
-    }
+    const float M = hmax(m);
+    exact |= !(M > -kInf);  // a row of -inf: NaN, as torch.softmax gives
+    const v8f Mv = splat(M);
+    for (int64_t k = 0; k < cv; k += 8) store8(e + k, load8(x + k) - Mv);
+    if (cv < C) store8(e + cv, last - Mv);  // lanes past C land in the next row or the slack
   }
   for (int l = 0; l < 8; ++l) exact |= bad[l] != 0;
   if (exact) {
@@ -154,13 +135,7 @@ DMI_INLINE void softmax_rows_float(const float* X, float* E, float* rinv, int64_
     return;
   }
   // 2. exp over the flat tile, the last partial vector into the slack.
-  bool subnormal = false;
-  for (int l = 0; l < 8; ++l) subnormal |= lowest[l] < kExpNormalLow;
-  if (subnormal) {
-    for (int64_t j = 0; j < n; j += 8) store8(E + j, exp_nonpositive<true>(load8(E + j)));
-  } else {
-    for (int64_t j = 0; j < n; j += 8) store8(E + j, exp_nonpositive<false>(load8(E + j)));
-  }
+  for (int64_t j = 0; j < n; j += 8) store8(E + j, exp_nonpositive(load8(E + j)));
   // 3. Row sums (each at least 1: the max's exp), then reciprocals eight rows at a time.
   for (int64_t i = 0; i < rows; ++i) {
     const float* e = E + i * C;
