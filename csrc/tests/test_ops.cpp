@@ -46,7 +46,7 @@ const auto& dmi_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dmi_ext::dmi", "")
                        .typed<Four(const Tensor&, const Tensor&, bool, bool, double, int64_t,
-                                   int64_t, bool)>();
+                                   int64_t, bool, bool)>();
   return op;
 }
 const auto& backward_op() {
@@ -133,7 +133,7 @@ void test_joint_hand_case() {
 void test_fused_and_backward() {
   Tensor p = at::tensor({0.2, 0.8, 0.6, 0.4, 0.5, 0.5, 0.9, 0.1}, at::kDouble).view({4, 2});
   Tensor y = at::tensor({0, 1, 0, -100}, at::kLong);
-  auto [loss, lad, sing, table] = dmi_op().call(p, y, false, true, 0.0, -100, 1, true);
+  auto [loss, lad, sing, table] = dmi_op().call(p, y, false, true, 0.0, -100, 1, true, true);
   // U = [[0.7, 1.3], [0.6, 0.4]] / 3, det = (0.28 - 0.78) / 9.
   check(near(loss.item<double>(), -std::log(0.5 / 9)), "fused loss on the hand case");
   auto [sums, counts] = joint_op().call(p, y, false, -100, true);
@@ -149,7 +149,7 @@ void test_bad_label_raises() {
   Tensor z = at::randn({4, 3});
   bool raised = false;
   try {
-    dmi_op().call(z, at::tensor({0, 1, 5, 2}, at::kLong), true, true, 0.0, -100, 1, true);
+    dmi_op().call(z, at::tensor({0, 1, 5, 2}, at::kLong), true, true, 0.0, -100, 1, true, true);
   } catch (const c10::IndexError& e) {
     raised = std::string(e.what_without_backtrace()).find("label 5") != std::string::npos;
   }
