@@ -2,7 +2,10 @@
 scenario and write what happened to a JSON file, then check each scenario from the parent."""
 
 import json
+import os
 import time
+import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -31,3 +34,25 @@ def assert_scenario_ok(reports, scenario):
     failures = {rank: report.get(scenario, "not run") for rank, report in enumerate(reports)}
     failures = {rank: text for rank, text in failures.items() if text != "ok"}
     assert not failures, "\n".join(f"--- rank {r}:\n{t}" for r, t in failures.items())
+
+
+def run_scenarios(rank, world, store_path, report_dir, scenarios):
+    """The body of a spawned rank: join the gloo group, run every scenario (a function of
+    (rank, world)), record 'ok' or the traceback per scenario, and write the report."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # W processes share a small machine
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    report = {}
+    try:
+        for name, scenario in scenarios.items():
+            try:
+                scenario(rank, world)
+                report[name] = "ok"
+            except Exception:  # recorded per scenario; the test of that scenario fails
+                report[name] = traceback.format_exc()
+    finally:
+        with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as handle:
+            json.dump(report, handle)
+        dist.destroy_process_group()

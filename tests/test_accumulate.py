@@ -5,11 +5,7 @@ x 2 micro-batches with DDP; the memory bound; should_step; the documented exampl
 
 import copy
 import doctest
-import json
-import os
 import re
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,7 @@ import dmi_ext
 import dmi_ext.accumulate
 
 from conftest import KINDS, make_case
-from spawn_ranks import assert_scenario_ok, spawn_rank_reports
+from spawn_ranks import assert_scenario_ok, run_scenarios, spawn_rank_reports
 
 dist = torch.distributed
 RTOL = 1e-10
@@ -268,31 +264,18 @@ def test_errors_name_the_argument():
 # ---- memory: one micro-batch's graph at a time ------------------------------------------------
 
 
-class SavedBytes:
-    """Bytes of tensors saved for backward that are alive, and their peak: the activations a
-    graph holds. (Counted through saved_tensors_hooks; parameters count too, once per use.)"""
+def _load_memory_script():
+    """scripts/accumulate_memory.py, whose SavedBytes meter this test shares (one definition)."""
+    import importlib.util
 
-    def __init__(self):
-        self.alive = self.peak = 0
+    path = Path(__file__).resolve().parents[1] / "scripts" / "accumulate_memory.py"
+    spec = importlib.util.spec_from_file_location("accumulate_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def __enter__(self):
-        meter = self
 
-        class Saved:
-            def __init__(self, t):
-                self.t, self.nbytes = t, t.numel() * t.element_size()
-                meter.alive += self.nbytes
-                meter.peak = max(meter.peak, meter.alive)
-
-            def __del__(self):
-                meter.alive -= self.nbytes
-
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
+SavedBytes = _load_memory_script().SavedBytes
 
 
 def wide_net(C=10):
@@ -430,21 +413,7 @@ SCENARIOS = {f.__name__: f for f in [scenario_ddp_two_micro_batches,
 
 
 def _run_rank(rank, world, store_path, report_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
-    report = {}
-    try:
-        for name, scenario in SCENARIOS.items():
-            try:
-                scenario(rank, world)
-                report[name] = "ok"
-            except Exception:
-                report[name] = traceback.format_exc()
-    finally:
-        with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(report, f)
-        dist.destroy_process_group()
+    run_scenarios(rank, world, store_path, report_dir, SCENARIOS)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,7 @@ and takes its own rows, so the single-process answer is computed locally on each
 """
 
 import copy
-import json
 import math
-import os
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
@@ -24,7 +20,7 @@ import dmi_ext
 import dmi_ext.distributed as dmi_dist
 
 from conftest import KINDS, make_case
-from spawn_ranks import assert_scenario_ok, spawn_rank_reports
+from spawn_ranks import assert_scenario_ok, run_scenarios, spawn_rank_reports
 
 dist = torch.distributed
 pytestmark = pytest.mark.skipif(
@@ -282,21 +278,7 @@ SCENARIOS = {fn.__name__.removeprefix("scenario_"): fn for fn in [
 
 
 def _run_rank(rank, world, store_path, report_dir):
-    torch.set_num_threads(1)  # W processes share a small machine
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
-    report = {}
-    try:
-        for name, scenario in SCENARIOS.items():
-            try:
-                scenario(rank, world)
-                report[name] = "ok"
-            except Exception:  # recorded per scenario; the test of that scenario fails
-                report[name] = traceback.format_exc()
-    finally:
-        with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(report, f)
-        dist.destroy_process_group()
+    run_scenarios(rank, world, store_path, report_dir, SCENARIOS)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
