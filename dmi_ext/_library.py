@@ -96,6 +96,17 @@ def _source_digest(files, flags, cuda: bool) -> str:
     return digest.hexdigest()[:12]
 
 
+def _cached(name: str) -> bool:
+    """Whether cpp_extension.load has this build in its cache already (then no message)."""
+    from torch.utils import cpp_extension
+
+    try:
+        folder = cpp_extension._get_build_directory(name, verbose=False)
+    except Exception:  # a private helper: if it moves, say "compiling" once too often
+        return False
+    return os.path.isfile(os.path.join(folder, name + ".so"))
+
+
 def jit_build():
     """Compiles the op library from the checkout with torch.utils.cpp_extension.load."""
     import torch
@@ -116,10 +127,11 @@ def jit_build():
     headers = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(ROOT, "csrc"))
                for f in sorted(files) if f.endswith((".h", ".cuh"))]
     name = "dmi_ext_C_" + _source_digest(sorted(sources + headers), cflags, cuda)
-    print(f"dmi_ext: no compiled library in {PACKAGE_DIR}; compiling the "
-          f"{'CPU + CUDA' if cuda else 'CPU'} op library now with torch.utils.cpp_extension.load "
-          f"as {name} (a few minutes, once; then cached). To build it ahead instead: "
-          f"{REBUILD_EDITABLE}", file=sys.stderr, flush=True)
+    if not _cached(name):
+        print(f"dmi_ext: no compiled library in {PACKAGE_DIR}; compiling the "
+              f"{'CPU + CUDA' if cuda else 'CPU'} op library now with torch.utils.cpp_extension.load "
+              f"as {name} (a few minutes, once; then cached). To build it ahead instead: "
+              f"{REBUILD_EDITABLE}", file=sys.stderr, flush=True)
     return cpp_extension.load(
         name=name, sources=sources, extra_cflags=cflags + macro,
         extra_ldflags=_build_config.link_flags(openmp),
