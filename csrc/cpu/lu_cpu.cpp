@@ -229,6 +229,19 @@ struct Equilibrated {
   }
 };
 
+// A regular U whose inverse leaves the float64 range (a class predicted with probabilities
+// below ~1e-308: float64 logits ~710 apart) would give a gradient of +-inf and NaN. The gradient
+// is then defined as 0, as for a singular U (loss and log|det U| stay exact). A table with NaN
+// (NaN input, or a poisoned matrix) is left as it is: NaN in, NaN out.
+void zero_if_overflowed(double* table, int64_t n) {
+  bool inf = false;
+  for (int64_t e = 0; e < n; ++e) {
+    if (std::isnan(table[e])) return;
+    inf |= std::isinf(table[e]);
+  }
+  if (inf) std::fill(table, table + n, 0.0);
+}
+
 void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t C,
                    bool normalize, double log_eps, double* loss, double* logabsdet,
                    bool* singular, double* grad_table) {
@@ -257,6 +270,7 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
           for (int64_t t = 0; t < C; ++t)
             for (int64_t k = 0; k < C; ++k)
               table[t * C + k] = f * eq.unscale_inverse(A[k * CP + t], k, t);
+          zero_if_overflowed(table, CC);
         }
       }
       singular[g] = !ok;
@@ -304,6 +318,7 @@ void lu_loss_lapack(const double* sums, const int64_t* counts, int64_t G, int64_
     const double* invp = inv_t.const_data_ptr<double>();  // A^{-T}
     for (int64_t t = 0; t < C; ++t)
       for (int64_t k = 0; k < C; ++k) out[t * C + k] = f * eq.unscale_inverse(invp[t * C + k], k, t);
+    zero_if_overflowed(out, CC);
   }
 }
 
