@@ -22,8 +22,6 @@
 namespace dmi_ext::cpu {
 namespace {
 
-constexpr double kLn2 = 0.69314718055994530942;
-
 // Row operations of the Gauss-Jordan elimination below. Rows are padded with zeros to a multiple
 // of 4 (CP) so that every operation is whole vectors; a column that must be set, not updated, is
 // set through a lane mask, never by a scalar store: a scalar store followed by a vector load of
@@ -175,15 +173,6 @@ DMI_CPU_CLONES bool gauss_jordan_inverse(double* A, int64_t C, int64_t CP, doubl
 DMI_CPU_CLONES bool lu_pivots(double* A, int64_t C, int64_t CP, double tol, int64_t* swaps,
                               double* logabsdet) {
   return gauss_jordan<false>(A, C, CP, tol, swaps, logabsdet);
-}
-
-// x * 2^e, exact unless the result leaves the double range; a multiply in the common case.
-DMI_INLINE double times_pow2(double x, int e) {
-  if (e < -1022 || e > 1023) return std::ldexp(x, e);
-  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
-  double p;
-  std::memcpy(&p, &bits, sizeof p);
-  return x * p;
 }
 
 // The equilibration of the singular rule (dmi_math.h): U = s * sums with row t divided by 2^r[t],
