@@ -1,14 +1,16 @@
 """Loads the compiled op library and registers its fake kernels.
 
-Importing ``dmi_ext._C`` runs the ``TORCH_LIBRARY`` blocks of ``csrc/``: the schemas, the CPU
-(and CUDA) kernels and the autograd kernels. What is left for Python is the shape-only "fake"
+Loading the library (``dmi_ext/_library.py``) runs the ``TORCH_LIBRARY`` blocks of ``csrc/``: the
+schemas, the CPU (and CUDA) kernels and the autograd kernels. What is left for Python is the shape-only "fake"
 kernel of each op, so that ``torch.compile`` and ``torch.library.opcheck`` can trace through them
 without running them. Fake kernels only derive shapes; the real kernels validate values.
 """
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.dmi_ext.*)
+from ._library import load
+
+_C = load()  # registers torch.ops.dmi_ext.* (a built library, or a JIT build of a checkout)
 
 ops = torch.ops.dmi_ext
 
