@@ -192,3 +192,18 @@ def test_the_rule_leaves_a_good_arg_max_alone_and_auto_needs_labels():
     assert not chosen.applied and (chosen.offsets == 0).all()
     scores, noisy, _ = binary_case3_scores(n=80)
     assert not decision.choose_offsets(scores, noisy, min_labels_per_entry=25).applied
+
+
+def test_auto_refuses_offsets_whose_T_hat_turns_the_classifier_around():
+    # Noisy labels that disagree with the scores: the fitted offsets 'gain' only through a T̂
+    # with a negative determinant, which the paper's noise never has (det T = 1 - r).
+    rng = np.random.default_rng(0)
+    m = rng.uniform(-3, 3, 400)
+    noisy = np.where(rng.random(400) < 0.8, m < 0.5, m >= 0.5).astype(int)
+    scores = np.stack([np.zeros(400), m], axis=1)
+    raw = decision.choose_offsets(scores, noisy)
+    assert raw.applied and raw.gain > 0.02 and raw.det_T_hat < 0
+    guarded = decision.choose_offsets(scores, noisy, positive_det=True)
+    assert not guarded.applied and (guarded.offsets == 0).all()
+    scores, noisy, _ = binary_case3_scores()
+    assert decision.choose_offsets(scores, noisy, positive_det=True).applied

@@ -2,9 +2,10 @@
 
 ``train`` runs one method on one noise setting for several seeds and prints the clean test
 accuracy (mean ± std), in one process or data-parallel in ``--nproc`` processes; ``reproduce``
-runs the paper's grid on digits and writes a JSON file, a markdown table and a plot. Both expose
-every ``TrainConfig`` hyperparameter as an option, fix the number of CPU threads (same seed, same
-threads -> same numbers) and show progress bars.
+runs the paper's grid on digits (or on a user's file) and writes a JSON file, a markdown table and
+a plot. Both expose every ``TrainConfig`` hyperparameter as an option (``--device`` among them),
+fix the number of CPU threads (same seed, same threads -> same numbers), show progress bars, and
+check every setting, file and output path before anything is trained.
 """
 
 import argparse
@@ -229,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     repro = commands.add_parser(
         "reproduce", help="the paper's grid on digits: JSON, markdown table, plot",
-        description="Run methods x noise kinds x noise rates x seeds on digits and write "
+        description="Run methods x noise kinds x noise rates x seeds on digits (or --data "
+                    "FILE) and write "
                     "results.json, results.md (a table per noise kind) and accuracy.png (test "
                     "accuracy against r, one panel per noise kind). The full grid is 5 methods x "
                     "5 noise kinds x r = 0.0..0.9 x 5 seeds; --quick runs pair flips and binary "

@@ -14,7 +14,8 @@ alternates: estimate T̂, maximise over b (coordinate ascent, each class's offse
 the points where a validation prediction changes), repeat. For C = 2 that is one threshold.
 
 The estimate is noisy on a few hundred labels (T̂ has C² entries), so ``choose_offsets`` can
-require a number of validation labels per entry of T̂ before it applies the offsets. Two
+require a number of validation labels per entry of T̂, and a positive det T̂, before it applies
+the offsets. Two
 bootstrap criteria were measured and dropped (docs/toolkit.md): the share of resamples whose
 refitted rule gains trusted every run, pair flips included, where the offsets cost 5 points (the
 gain is measured through the T̂ of the offsets themselves); the share of refits that side with
@@ -116,17 +117,25 @@ class Decision:
     applied: bool
     gain: float  # estimated gain of the fitted offsets over the arg-max, validation split
     labels_per_entry: float  # validation labels per entry of T̂: n / C²
+    det_T_hat: float  # det of the T̂ of the offsets' predictions
 
 
 def choose_offsets(scores: np.ndarray, noisy: np.ndarray, *, min_gain: float = 0.02,
-                   min_labels_per_entry: float = 0.0) -> Decision:
+                   min_labels_per_entry: float = 0.0, positive_det: bool = False) -> Decision:
     """Fits the offsets on the validation split and keeps them when their estimated gain
-    exceeds ``min_gain`` and T̂ rests on at least ``min_labels_per_entry`` labels per entry."""
+    exceeds ``min_gain``, T̂ rests on at least ``min_labels_per_entry`` labels per entry and,
+    with ``positive_det``, det T̂ > 0: the new predictions agree with the noisy labels more than
+    they disagree, as under every T of the paper (det T = 1 - r); a negative det means the
+    offsets turned the classifier's sense around, which no noise the rule can trust explains."""
     scores = np.asarray(scores, dtype=np.float64)
     noisy = np.asarray(noisy, dtype=np.int64)
     C = scores.shape[1]
     per_entry = len(noisy) / C ** 2
     offsets = fit_offsets(scores, noisy)
     gain = estimated_gain(scores, noisy, offsets)
-    applied = bool(gain > min_gain and per_entry >= min_labels_per_entry)
-    return Decision(offsets if applied else np.zeros(C), applied, gain, per_entry)
+    joint = _joint(np.argmax(scores + offsets, axis=1), noisy, C)
+    rows = joint.sum(axis=1, keepdims=True)
+    det = float(np.linalg.det(joint / rows)) if (rows > 0).all() else 0.0
+    applied = bool(gain > min_gain and per_entry >= min_labels_per_entry
+                   and (det > 0 or not positive_det))
+    return Decision(offsets if applied else np.zeros(C), applied, gain, per_entry, det)

@@ -259,13 +259,15 @@ def apply_decision_rule(model: nn.Module, splits: Splits, rule: str) -> dict:
         raise ValueError(f"argument 'dmi_rule' must be one of {DMI_RULES}, got {rule!r}")
     scores = torch.log_softmax(predict_logits(model, splits.val.x).double(), dim=1)
     decision = choose_offsets(scores.cpu().numpy(), splits.val.y.cpu().numpy(),
-                              min_labels_per_entry=MIN_LABELS_PER_ENTRY if rule == "auto" else 0)
+                              min_labels_per_entry=MIN_LABELS_PER_ENTRY if rule == "auto" else 0,
+                              positive_det=rule == "auto")
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
         last.bias += torch.as_tensor(decision.offsets, dtype=last.bias.dtype,
                                      device=last.bias.device)
     return {"applied": bool(decision.applied), "estimated_gain": round(float(decision.gain), 4),
             "labels_per_entry": round(decision.labels_per_entry, 1),
+            "det_T_hat": round(decision.det_T_hat, 4),
             "offsets": np.round(decision.offsets, 4).tolist()}
 
 

@@ -75,8 +75,8 @@ class TrainConfig:
     dmi_rule: str = _option("auto", "DMI's decision rule: 'argmax', 'estimated-T' (per-class "
                                       "offsets that maximise the clean accuracy estimated "
                                       "through T from the noisy validation labels) or 'auto' "
-                                      "(those offsets where a bootstrap of the validation split "
-                                      "trusts their gain)")
+                                      "(those offsets where the validation split has at least "
+                                      "25 labels per entry of T and det T-hat > 0)")
     dmi_batch_size: int = _option(256, "mini-batch size of L_DMI (small batches make the joint "
                                        "matrix badly conditioned; the paper uses 128 or 256; "
                                        "with --nproc, the global batch U is formed over)")
