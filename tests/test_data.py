@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from dmi_ext.noise import binary_case_matrix, pair_flip_matrix  # noqa: E402
+from dmi_ext.toolkit.noise import binary_case_matrix, pair_flip_matrix  # noqa: E402
 from dmi_ext.toolkit.data import (DIGIT_PAIRS, load_dataset, make_splits,  # noqa: E402
                                   noise_transition, stratified_indices)
 

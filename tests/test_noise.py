@@ -1,10 +1,10 @@
-"""dmi_ext.noise: transition matrices, their validation, and seeded label corruption."""
+"""dmi_ext.toolkit.noise: transition matrices, their validation, and seeded label corruption."""
 
 import numpy as np
 import pytest
 import torch
 
-from dmi_ext.noise import (binary_case_matrix, corrupt_labels, empirical_transition_matrix,
+from dmi_ext.toolkit.noise import (binary_case_matrix, corrupt_labels, empirical_transition_matrix,
                            pair_flip_matrix, uniform_noise_matrix, validate_transition_matrix)
 
 PAIRS = ((7, 1), (3, 8), (5, 6), (4, 9))

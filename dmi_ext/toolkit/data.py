@@ -10,7 +10,9 @@ test labels) with a transition matrix from ``noise_transition``.
 """
 
 import csv
+import dataclasses
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Tuple
@@ -18,7 +20,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..noise import (binary_case_matrix, corrupt_labels, pair_flip_matrix, uniform_noise_matrix,
+from .noise import (binary_case_matrix, corrupt_labels, pair_flip_matrix, uniform_noise_matrix,
                      validate_transition_matrix)
 
 BUILTIN_DATASETS = ("digits", "digits-binary", "digits-pairs")
@@ -37,6 +39,10 @@ NOISE_KINDS = {
 # Noise for digits-pairs (outside the paper's grid): the tens digit a of 10a + b flips to its
 # pair's destination (7 -> 1, ...) with rate r.
 DIGIT_FLIP = "digitflip"
+
+
+class DataNote(UserWarning):
+    """Something the loader changed in a user's file; the CLI prints it as a ``note:`` line."""
 
 
 class Dataset(NamedTuple):
@@ -72,6 +78,9 @@ class Splits:
     test: Part
     transition: np.ndarray  # the T the labels were drawn from
     class_names: Tuple[str, ...]
+    # x_scaled = (x - feature_shift) / feature_scale, from the training part (``inputs``)
+    feature_shift: Optional[np.ndarray] = None
+    feature_scale: Optional[np.ndarray] = None
 
     @property
     def num_classes(self) -> int:
@@ -80,6 +89,14 @@ class Splits:
     @property
     def sample_shape(self) -> Tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
+
+    def to(self, device) -> "Splits":
+        """The same splits with every tensor on ``device`` (self when they are there already)."""
+        if self.train.x.device == torch.device(device):
+            return self
+        moved = [Part(*(t.to(device) for t in (p.x, p.y, p.clean_y)))
+                 for p in (self.train, self.val, self.test)]
+        return dataclasses.replace(self, train=moved[0], val=moved[1], test=moved[2])
 
 
 @dataclass(frozen=True)
@@ -225,9 +242,9 @@ def _load_csv(path: str) -> Dataset:
         except ValueError:
             return None
 
-    first_line = 1
+    first_line, header = 1, None
     if numbers(rows[0]) is None:  # a header
-        rows, first_line = rows[1:], 2
+        header, rows, first_line = rows[0], rows[1:], 2
     if not rows:
         raise ValueError(f"{path}: the CSV file has a header but no data rows")
     width = len(rows[0])
@@ -244,6 +261,14 @@ def _load_csv(path: str) -> Dataset:
             bad = next(cell for cell in row if numbers([cell]) is None)
             raise ValueError(f"{path}: line {line}: {bad!r} is not a number")
         values[k] = parsed
+    unnamed = header is None or header[0].strip() in ("", "Unnamed: 0", "index")
+    if unnamed and width >= 3 and len(values) >= 3 and \
+            np.array_equal(values[:, 0], np.arange(len(values))):
+        # pandas' to_csv writes the row index as an unnamed first column: on a file sorted by
+        # class it would give the label away.
+        warnings.warn(f"{path}: dropped the first column (0, 1, 2, ..., unnamed: a row index as "
+                      "pandas writes it, not a feature)", DataNote, stacklevel=2)
+        values = values[:, 1:]
     labels, names = _labels_from(values[:, -1], path)
     return Dataset(_features_from(values[:, :-1], len(labels), path), labels, names,
                    os.path.basename(path))
@@ -297,20 +322,24 @@ def noise_transition(kind: str, num_classes: int, rate: float,
 
 def stratified_indices(y: np.ndarray, val_fraction: float, test_fraction: float,
                        seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train / validation / test row indices with each class in the same proportion in each."""
+    """Train / validation / test row indices with each class in the same proportion in each;
+    with ``test_fraction`` = 0 the test part is empty (a separate test set is used)."""
     _require_sklearn()
     from sklearn.model_selection import train_test_split
 
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 < value < 1.0:
+        if not 0.0 < value < 1.0 and not (name == "test_fraction" and value == 0.0):
             raise ValueError(f"argument '{name}' must be in (0, 1), got {value!r}")
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(f"arguments 'val_fraction' + 'test_fraction' must be < 1, got "
                          f"{val_fraction} + {test_fraction}")
     rows = np.arange(len(y))
     try:
-        rest, test = train_test_split(rows, test_size=test_fraction, stratify=y,
-                                      random_state=seed)
+        if test_fraction == 0.0:
+            rest, test = rows, rows[:0]
+        else:
+            rest, test = train_test_split(rows, test_size=test_fraction, stratify=y,
+                                          random_state=seed)
         train, val = train_test_split(rest, test_size=val_fraction / (1.0 - test_fraction),
                                       stratify=y[rest], random_state=seed)
     except ValueError as err:
@@ -320,30 +349,79 @@ def stratified_indices(y: np.ndarray, val_fraction: float, test_fraction: float,
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-def make_splits(dataset: Dataset, transition, seed: int, val_fraction: float = 0.2,
-                test_fraction: float = 0.2) -> Splits:
-    """Stratified split, features standardised with training statistics, noisy train / val labels.
+INPUT_SCALINGS = ("standardize", "scale")
 
-    The split, and the noise, depend on ``seed`` only. Features with no spread on the training
-    part (e.g. the always-blank corner pixels of digits) are centred, not scaled.
+
+def default_pairs(dataset) -> Tuple[Tuple[int, int], ...]:
+    """The pair flips of ``--noise pairflip`` when ``--pairs`` is not given: the look-alike digits
+    on digits (and on the tens digit of digits-pairs), else class 2k -> 2k + 1 (the last class
+    of an odd count flips to class 0)."""
+    if dataset.name in ("digits", "digits-pairs"):
+        return DIGIT_PAIRS
+    C = dataset.num_classes
+    return tuple((k, (k + 1) % C) for k in range(0, C, 2))
+
+
+def align_test_set(data: Dataset, test: Dataset, flag: str = "--test-data") -> Dataset:
+    """``test`` with its labels renumbered as ``data``'s classes (both files' labels are mapped
+    to 0..C-1 by their own sorted values, so the same value may get different numbers)."""
+    if isinstance(data, DigitPairs) or isinstance(test, DigitPairs):
+        raise ValueError(f"argument {flag}: not available with digits-pairs")
+    if test.x.shape[1:] != data.x.shape[1:]:
+        raise ValueError(f"argument {flag}: {test.name!r} has samples of shape "
+                         f"{test.x.shape[1:]}, the training data {data.x.shape[1:]}")
+    index = {name: k for k, name in enumerate(data.class_names)}
+    unknown = [name for name in test.class_names if name not in index]
+    if unknown:
+        raise ValueError(f"argument {flag}: {test.name!r} has label {unknown[0]}, which the "
+                         f"training data {data.name!r} does not have (its labels: "
+                         f"{', '.join(data.class_names)})")
+    mapping = np.array([index[name] for name in test.class_names], dtype=np.int64)
+    return Dataset(test.x, mapping[test.y], data.class_names, test.name)
+
+
+def make_splits(dataset: Dataset, transition, seed: int, val_fraction: float = 0.2,
+                test_fraction: float = 0.2, inputs: str = "standardize",
+                test: Optional[Dataset] = None) -> Splits:
+    """Stratified split, features scaled with training statistics, noisy train / val labels.
+
+    The split, and the noise, depend on ``seed`` only. ``inputs``: 'standardize' gives each
+    feature mean 0 and std 1 on the training part (features with no spread there, e.g. the
+    always-blank corner pixels of digits, are centred, not scaled); 'scale' divides every
+    feature by the largest |x| of the training part (digits: x / 16), which keeps rare pixels
+    small where standardising would blow them up. ``test``: a clean test set (as aligned by
+    ``align_test_set``); ``dataset`` is then split into training and validation parts only.
     """
+    if inputs not in INPUT_SCALINGS:
+        raise ValueError(f"argument 'inputs' must be one of {INPUT_SCALINGS}, got {inputs!r}")
     T = validate_transition_matrix(transition, "transition")
     if T.shape[0] != dataset.num_classes:
         raise ValueError(f"argument 'transition' is {T.shape[0]} x {T.shape[0]} but dataset "
                          f"{dataset.name!r} has {dataset.num_classes} classes")
+    external = test
     if isinstance(dataset, DigitPairs):  # split the digit images, then pair within each part
         dataset, (train, val, test) = dataset.compose(seed, val_fraction, test_fraction)
+    elif external is not None:
+        train, val = stratified_indices(dataset.y, val_fraction, 0.0, seed)[:2]
     else:
         train, val, test = stratified_indices(dataset.y, val_fraction, test_fraction, seed)
-    mean = dataset.x[train].mean(axis=0)
-    std = dataset.x[train].std(axis=0)
-    std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+    if inputs == "standardize":
+        mean = dataset.x[train].mean(axis=0)
+        std = dataset.x[train].std(axis=0)
+        std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+    else:
+        largest = float(np.abs(dataset.x[train]).max())
+        mean, std = np.float32(0.0), np.float32(largest if largest > 0 else 1.0)
     rng = np.random.default_rng([seed, 1])  # its own stream: the noise does not shift the split
 
-    def part(rows, noisy):
-        x = torch.from_numpy((dataset.x[rows] - mean) / std)
-        clean = dataset.y[rows]
+    def part(rows, noisy, source=dataset):
+        x = torch.from_numpy((source.x[rows] - mean) / std)
+        clean = source.y[rows]
         y = corrupt_labels(clean, T, rng).labels if noisy else clean
         return Part(x, torch.from_numpy(y), torch.from_numpy(clean))
 
-    return Splits(part(train, True), part(val, True), part(test, False), T, dataset.class_names)
+    test_part = part(test, False) if external is None else \
+        part(np.arange(len(external.y)), False, external)
+    return Splits(part(train, True), part(val, True), test_part, T, dataset.class_names,
+                  np.broadcast_to(mean, dataset.x.shape[1:]).copy(),
+                  np.broadcast_to(std, dataset.x.shape[1:]).copy())

@@ -10,7 +10,7 @@ epoch with the best criterion on the noisy validation split: its own loss for CE
 DMI, and for LCCN the likelihood of the noisy labels under its current T.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
@@ -20,14 +20,21 @@ from torch import Tensor, nn
 
 from .. import DMILoss, joint_matrix
 from .data import Splits
+from .decision import choose_offsets
 from .models import build_model, predict_logits
 from .parallel import rank_and_world
-from .train import Batches, Phase, PhaseLog, TrainConfig, accuracy, derived_seed, fit
+from .train import (Batches, Phase, PhaseLog, TrainConfig, accuracy, derived_seed, fit,
+                    process_device)
 
 METHODS = ("ce", "fw", "gce", "lccn", "dmi")
 WARM_STARTED = ("ce", "fw", "lccn", "dmi")  # methods whose result builds on the CE warm-up
 FW_TRANSITIONS = ("anchor", "anchor-filtered", "known")
 ANCHOR_PERCENTILE = 97.0
+DMI_STARTS = ("best", "final")
+DMI_RULES = ("argmax", "estimated-T", "auto")
+# 'auto' trusts T̂ from this many validation labels per entry (digits: 90 for 2 classes, 3.6
+# for 10, where the offsets cost 5 points on pair flips r = 0.7)
+MIN_LABELS_PER_ENTRY = 25.0
 
 
 class GeneralizedCrossEntropy(nn.Module):
@@ -104,12 +111,13 @@ class LatentLabelSampler:
         self.alpha = float(alpha)
         self.num_classes = warm_probs.shape[1]
         self.validated_transitions: List[Tensor] = []
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=warm_probs.device).manual_seed(seed)
         # joint_matrix rows are labels and columns predictions: transposed, n[z, noisy].
         soft_counts = joint_matrix(warm_probs, noisy, from_logits=False, normalize=False).T
-        self.counts = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
+        self.counts = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64,
+                                  device=warm_probs.device)
         self.latent = self._draw(warm_probs.double(), noisy, self._smoothed(soft_counts))
-        self.counts.index_put_((self.latent, noisy), torch.ones(len(noisy), dtype=torch.float64),
+        self.counts.index_put_((self.latent, noisy), torch.ones_like(noisy, dtype=torch.float64),
                                accumulate=True)
 
     def _smoothed(self, counts: Tensor) -> Tensor:
@@ -125,7 +133,7 @@ class LatentLabelSampler:
         return torch.multinomial(weights, 1, generator=self.generator).squeeze(1)
 
     def __call__(self, logits: Tensor, noisy: Tensor, index: Tensor) -> Tensor:
-        ones = torch.ones(len(index), dtype=torch.float64)
+        ones = torch.ones_like(index, dtype=torch.float64)
         self.counts.index_put_((self.latent[index], noisy), -ones, accumulate=True)
         z = self._draw(torch.softmax(logits.double(), dim=1), noisy, self.transition())
         self.counts.index_put_((z, noisy), ones, accumulate=True)
@@ -149,17 +157,23 @@ class RunResult:
     test_accuracy: float  # percent, on the clean test labels
     phases: List[PhaseLog]
     estimated_transition: Optional[List[List[float]]] = None  # FW's and LCCN's T
+    decision: Optional[dict] = None  # DMI's decision rule, when one was asked for
+    model: Optional[nn.Module] = field(default=None, repr=False, compare=False)  # as tested
 
 
 def new_model(splits: Splits, config: TrainConfig, seed: int) -> nn.Module:
-    """The initial network of a run; its weights depend on ``seed`` only."""
-    with torch.random.fork_rng():  # leave the caller's global generator as it was
+    """The initial network of a run, on ``config.device``; its weights depend on ``seed`` only
+    (drawn on the CPU, so every device starts from the same weights)."""
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global generator as it was
         torch.manual_seed(seed)
-        return build_model(config.model, splits.sample_shape, splits.num_classes, config.hidden)
+        model = build_model(config.model, splits.sample_shape, splits.num_classes,
+                            config.hidden, config.layers)
+    return model.to(process_device(config.device))
 
 
 def train_phase(model: nn.Module, phase: Phase, splits: Splits, config: TrainConfig, seed: int,
-                batch_size: int, progress: bool = False) -> PhaseLog:
+                batch_size: int, progress: bool = False,
+                final_state: Optional[dict] = None) -> PhaseLog:
     """One phase on the training split, selected on the validation split; the batch order
     depends on the seed and the phase's name only (in a data-parallel run, each rank takes its
     share of every batch)."""
@@ -167,15 +181,27 @@ def train_phase(model: nn.Module, phase: Phase, splits: Splits, config: TrainCon
     loader = Batches(splits.train.x, splits.train.y, batch_size, derived_seed(seed, phase.name),
                      rank=rank, world=world)
     return fit(model, phase, loader, splits.val.x, splits.val.y,
-               weight_decay=config.weight_decay, progress=progress)
+               weight_decay=config.weight_decay, progress=progress, final_state=final_state)
 
 
-def warm_up(splits: Splits, config: TrainConfig, seed: int, progress: bool = False):
-    """The CE model (weights, log): the CE result and the start of FW, LCCN and DMI."""
+@dataclass
+class WarmStart:
+    """The CE warm-up: its best epoch's weights (the CE result, the start of FW and LCCN), its
+    last epoch's weights (where DMI starts with ``dmi_start='final'``) and its log."""
+
+    best: dict
+    final: dict
+    log: PhaseLog
+
+
+def warm_up(splits: Splits, config: TrainConfig, seed: int, progress: bool = False) -> WarmStart:
+    """The CE model: the CE result and the start of FW, LCCN and DMI."""
+    splits = splits.to(process_device(config.device))
     model = new_model(splits, config, seed)
+    final: dict = {}
     log = train_phase(model, Phase("ce", nn.CrossEntropyLoss(), config.ce_epochs, config.ce_lr),
-                      splits, config, seed, config.batch_size, progress)
-    return model.state_dict(), log
+                      splits, config, seed, config.batch_size, progress, final_state=final)
+    return WarmStart(model.state_dict(), final, log)
 
 
 def run_method(method: str, splits: Splits, config: TrainConfig, seed: int, *,
@@ -187,6 +213,7 @@ def run_method(method: str, splits: Splits, config: TrainConfig, seed: int, *,
     """
     if method not in METHODS:
         raise ValueError(f"argument 'method' must be one of {METHODS}, got {method!r}")
+    splits = splits.to(process_device(config.device))
     model = new_model(splits, config, seed)
 
     def train(phase: Phase, batch_size: int = config.batch_size) -> PhaseLog:
@@ -198,13 +225,15 @@ def run_method(method: str, splits: Splits, config: TrainConfig, seed: int, *,
     else:
         if warm_start is None:
             warm_start = warm_up(splits, config, seed, progress)
-        state, warm_log = warm_start
-        model.load_state_dict(state)
-        phases = [warm_log]
-    estimated = None
+        start = warm_start.final if method == "dmi" and config.dmi_start == "final" \
+            else warm_start.best
+        model.load_state_dict(start)
+        phases = [warm_start.log]
+    estimated, decision = None, None
     if method == "fw":
         estimated = _fw_transition(model, splits, config.fw_transition)
-        phases.append(train(Phase("fw", ForwardCorrectedCrossEntropy(estimated),
+        phases.append(train(Phase("fw", ForwardCorrectedCrossEntropy(estimated).to(
+                                      splits.train.x.device),
                                   config.fw_epochs, config.fw_lr)))
     elif method == "lccn":
         sampler = LatentLabelSampler(torch.softmax(predict_logits(model, splits.train.x), 1),
@@ -212,12 +241,34 @@ def run_method(method: str, splits: Splits, config: TrainConfig, seed: int, *,
                                      derived_seed(seed, "lccn-sampler"))
         phases.append(train(Phase("lccn", nn.CrossEntropyLoss(), config.lccn_epochs,
                                   config.lccn_lr, relabel=sampler, criterion=sampler.criterion)))
-        estimated = sampler.validated_transitions[phases[-1].best_epoch].numpy()
+        estimated = sampler.validated_transitions[phases[-1].best_epoch].cpu().numpy()
     elif method == "dmi":
         phases.append(train(Phase("dmi", DMILoss(), config.dmi_epochs, config.dmi_lr),
                             config.dmi_batch_size))
+        if config.dmi_rule != "argmax":
+            decision = apply_decision_rule(model, splits, config.dmi_rule)
     return RunResult(method, seed, accuracy(model, splits.test.x, splits.test.y), phases,
-                     None if estimated is None else np.round(estimated, 4).tolist())
+                     None if estimated is None else np.round(estimated, 4).tolist(), decision,
+                     model)
+
+
+def apply_decision_rule(model: nn.Module, splits: Splits, rule: str) -> dict:
+    """Fits ``decision.choose_offsets`` on the noisy validation split and folds the offsets into
+    the model's last bias (so a saved model predicts with them); returns what was decided."""
+    if rule not in DMI_RULES:
+        raise ValueError(f"argument 'dmi_rule' must be one of {DMI_RULES}, got {rule!r}")
+    scores = torch.log_softmax(predict_logits(model, splits.val.x).double(), dim=1)
+    decision = choose_offsets(scores.cpu().numpy(), splits.val.y.cpu().numpy(),
+                              min_labels_per_entry=MIN_LABELS_PER_ENTRY if rule == "auto" else 0,
+                              positive_det=rule == "auto")
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias += torch.as_tensor(decision.offsets, dtype=last.bias.dtype,
+                                     device=last.bias.device)
+    return {"applied": bool(decision.applied), "estimated_gain": round(float(decision.gain), 4),
+            "labels_per_entry": round(decision.labels_per_entry, 1),
+            "det_T_hat": round(decision.det_T_hat, 4),
+            "offsets": np.round(decision.offsets, 4).tolist()}
 
 
 def _fw_transition(model: nn.Module, splits: Splits, how: str) -> np.ndarray:
@@ -225,5 +276,5 @@ def _fw_transition(model: nn.Module, splits: Splits, how: str) -> np.ndarray:
         return splits.transition
     if how not in FW_TRANSITIONS:
         raise ValueError(f"argument 'fw_transition' must be one of {FW_TRANSITIONS}, got {how!r}")
-    probs = torch.softmax(predict_logits(model, splits.train.x), dim=1).double().numpy()
+    probs = torch.softmax(predict_logits(model, splits.train.x), dim=1).double().cpu().numpy()
     return anchor_transition(probs, filter_outliers=how == "anchor-filtered")

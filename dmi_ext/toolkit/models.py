@@ -15,16 +15,17 @@ MODELS = ("mlp", "cnn")
 
 
 class MLP(nn.Sequential):
-    """Flatten, then two hidden ReLU layers of ``hidden`` units, then C logits."""
+    """Flatten, then ``layers`` hidden ReLU layers of ``hidden`` units, then C logits."""
 
-    def __init__(self, sample_shape: Sequence[int], num_classes: int, hidden: int = 256):
-        features = math.prod(sample_shape)
-        super().__init__(
-            nn.Flatten(),
-            nn.Linear(features, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, num_classes),
-        )
+    def __init__(self, sample_shape: Sequence[int], num_classes: int, hidden: int = 256,
+                 layers: int = 2):
+        if layers < 1:
+            raise ValueError(f"argument 'layers' must be >= 1, got {layers}")
+        widths = [math.prod(sample_shape)] + [hidden] * layers
+        body = []
+        for width_in, width_out in zip(widths, widths[1:]):
+            body += [nn.Linear(width_in, width_out), nn.ReLU()]
+        super().__init__(nn.Flatten(), *body, nn.Linear(hidden, num_classes))
 
 
 class SmallCNN(nn.Sequential):
@@ -52,9 +53,10 @@ class SmallCNN(nn.Sequential):
 
 
 def build_model(name: str, sample_shape: Sequence[int], num_classes: int,
-                hidden: int = 256) -> nn.Module:
+                hidden: int = 256, layers: int = 2) -> nn.Module:
+    """``layers`` counts the MLP's hidden layers (the CNN's layout is fixed)."""
     if name == "mlp":
-        return MLP(sample_shape, num_classes, hidden)
+        return MLP(sample_shape, num_classes, hidden, layers)
     if name == "cnn":
         return SmallCNN(sample_shape, num_classes, hidden)
     raise ValueError(f"argument 'model' must be one of {MODELS}, got {name!r}")

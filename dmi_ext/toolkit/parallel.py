@@ -1,7 +1,7 @@
 """Data-parallel training on one machine: the process launcher and the global-batch forms of a
 phase's loss and label hook.
 
-``run_data_parallel`` spawns N processes joined in a gloo group. Every process holds the whole
+``run_data_parallel`` spawns N processes joined in a gloo group (NCCL on GPUs, one per process). Every process holds the whole
 dataset with the same seeded split, noise and initial weights, and takes its share of every
 mini-batch (``Batches(..., rank=, world=)``), so the union of the ranks' b-th batches is the b-th
 batch of a one-process run. ``for_global_batch`` is what ``fit`` trains with: the model under
@@ -53,7 +53,8 @@ class GlobalBatchMean(nn.Module):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         local_mean = self.loss(input, target)
         rows = len(target)
-        totals = torch.tensor([float(local_mean.detach()) * rows, rows], dtype=torch.float64)
+        totals = torch.tensor([float(local_mean.detach()) * rows, rows], dtype=torch.float64,
+                              device=input.device)  # NCCL reduces on the GPU only
         dist.all_reduce(totals)
         global_sum, global_rows = totals.tolist()
         scaled = local_mean * (dist.get_world_size() * rows / global_rows)
@@ -89,13 +90,14 @@ class GlobalBatchRelabel:
 
     def __call__(self, logits: Tensor, target: Tensor, index: Tensor) -> Tensor:
         rank, world = rank_and_world()
-        rows = torch.tensor([len(index)])
+        rows = torch.tensor([len(index)], device=logits.device)
         counts = [torch.empty_like(rows) for _ in range(world)]
         dist.all_gather(counts, rows)
         counts = [int(count) for count in counts]
         # One float64 buffer per rank (exact for float32 logits and for indices below 2**53):
         # logits, label, row index; zero rows pad it to the largest share.
-        packed = torch.zeros(max(counts), logits.shape[1] + 2, dtype=torch.float64)
+        packed = torch.zeros(max(counts), logits.shape[1] + 2, dtype=torch.float64,
+                             device=logits.device)
         packed[:len(index), :-2] = logits
         packed[:len(index), -2] = target
         packed[:len(index), -1] = index
@@ -118,9 +120,9 @@ def for_global_batch(model: nn.Module, loss: nn.Module, relabel: Optional[Callab
             None if relabel is None else GlobalBatchRelabel(relabel))
 
 
-def run_data_parallel(nproc: int, fn: Callable, *args):
-    """Runs ``fn(*args)`` in ``nproc`` spawned processes joined in a gloo group; returns what it
-    returned on rank 0.
+def run_data_parallel(nproc: int, fn: Callable, *args, backend: str = "gloo"):
+    """Runs ``fn(*args)`` in ``nproc`` spawned processes joined in a ``backend`` group (gloo for
+    the CPU, nccl for GPUs: rank k then uses GPU k); returns what it returned on rank 0.
 
     ``fn`` and ``args`` must be picklable (``fn`` a module-level function). The group meets
     through a file store in a temporary directory, so concurrent runs never collide on a port.
@@ -129,14 +131,18 @@ def run_data_parallel(nproc: int, fn: Callable, *args):
     if nproc < 2:
         raise ValueError(f"argument 'nproc' must be >= 2 to spawn processes, got {nproc}")
     with tempfile.TemporaryDirectory(prefix="dmi_ext-nproc-") as run_dir:
-        torch.multiprocessing.start_processes(_rank_main, args=(nproc, run_dir, fn, args),
+        torch.multiprocessing.start_processes(_rank_main,
+                                              args=(nproc, run_dir, fn, args, backend),
                                               nprocs=nproc, start_method="spawn")
         with open(os.path.join(run_dir, RESULT_FILE), "rb") as handle:
             return pickle.load(handle)  # written by our own rank 0 just now
 
 
-def _rank_main(rank: int, nproc: int, run_dir: str, fn: Callable, args: tuple) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(run_dir, 'store')}",
+def _rank_main(rank: int, nproc: int, run_dir: str, fn: Callable, args: tuple,
+               backend: str = "gloo") -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{os.path.join(run_dir, 'store')}",
                             rank=rank, world_size=nproc)
     try:
         result = fn(*args)

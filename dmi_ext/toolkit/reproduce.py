@@ -18,9 +18,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .. import __version__
 from .data import DIGIT_PAIRS, NOISE_KINDS, load_dataset, make_splits, noise_transition
 from .methods import METHODS, WARM_STARTED, run_method, warm_up
-from .train import TrainConfig, tqdm
+from .train import TrainConfig, process_device, tqdm
 
 RATES = tuple(round(0.1 * k, 1) for k in range(10))  # 0.0 ... 0.9, as in the paper
 
@@ -31,6 +32,9 @@ class Grid:
     noise_kinds: Tuple[str, ...]
     rates: Tuple[float, ...]
     seeds: Tuple[int, ...]
+    data: Optional[str] = None  # a user's file for every noise kind; None: digits
+    test_data: Optional[str] = None  # its clean test file, if any
+    pairs: Optional[Tuple[Tuple[int, int], ...]] = None  # pair flips on ``data``
 
     @property
     def settings(self) -> int:
@@ -49,11 +53,29 @@ NOISE_TITLES = {
     "binary2": "binary case (2): 0 → rest (digit 0 vs rest)",
     "binary3": "binary case (3): rest → 0 (digit 0 vs rest)",
 }
+BINARY_CASES = {"binary1": "(1): symmetric", "binary2": "(2): 0 → 1", "binary3": "(3): 1 → 0"}
+
+
+def noise_titles(grid: Grid) -> Dict[str, str]:
+    """A heading per noise kind: the digits grid's, or for a user's file its name and pairs."""
+    if grid.data is None:
+        return NOISE_TITLES
+    name = os.path.basename(grid.data)
+    pairs = ", ".join(f"{a}→{b}" for a, b in grid.pairs or ())
+    return {"uniform": f"uniform noise ({name})", "pairflip": f"pair flips {pairs} ({name})",
+            **{kind: f"binary case {case} ({name})" for kind, case in BINARY_CASES.items()}}
+
+
 METHOD_LABELS = {"ce": "CE", "fw": "FW", "gce": "GCE", "lccn": "LCCN", "dmi": "DMI"}
 
 
-def run_grid(grid: Grid, config: TrainConfig, progress: bool = False) -> List[dict]:
-    """Trains every method of ``grid`` on every setting; one JSON-ready record per run."""
+def run_grid(grid: Grid, config: TrainConfig, progress: bool = False, dataset=None,
+             test=None) -> List[dict]:
+    """Trains every method of ``grid`` on every setting; one JSON-ready record per run.
+
+    ``dataset`` (and its clean ``test`` set, if any): the data of every noise kind, loaded from
+    ``grid.data``; None: the digits datasets of ``NOISE_KINDS``.
+    """
     for method in grid.methods:
         if method not in METHODS:
             raise ValueError(f"argument 'methods' has {method!r}, expected some of {METHODS}")
@@ -61,8 +83,13 @@ def run_grid(grid: Grid, config: TrainConfig, progress: bool = False) -> List[di
         if kind not in NOISE_KINDS:
             raise ValueError(f"argument 'noise' has {kind!r}, expected some of "
                              f"{tuple(NOISE_KINDS)}")
-    datasets = {name: load_dataset(name) for name in sorted(set(NOISE_KINDS[k]
-                                                                for k in grid.noise_kinds))}
+    if dataset is None and grid.data is not None:
+        dataset = load_dataset(grid.data)
+    if dataset is not None:
+        datasets = {NOISE_KINDS[k]: dataset for k in grid.noise_kinds}
+    else:
+        datasets = {name: load_dataset(name) for name in sorted(set(NOISE_KINDS[k]
+                                                                    for k in grid.noise_kinds))}
     records = []
     # Settings with the same matrix (r = 0 of every kind of one dataset) are trained once.
     trained: Dict[Tuple[str, bytes, int], List[dict]] = {}
@@ -70,13 +97,13 @@ def run_grid(grid: Grid, config: TrainConfig, progress: bool = False) -> List[di
     for kind in grid.noise_kinds:
         dataset = datasets[NOISE_KINDS[kind]]
         for rate in grid.rates:
-            T = noise_transition(kind, dataset.num_classes, rate)
+            T = noise_transition(kind, dataset.num_classes, rate, grid.pairs or DIGIT_PAIRS)
             for seed in grid.seeds:
                 if bar is not None:
                     bar.set_postfix_str(f"{kind} r={rate} seed={seed}")
                 key = (dataset.name, T.tobytes(), seed)
                 if key not in trained:
-                    trained[key] = _train_setting(dataset, T, seed, grid.methods, config)
+                    trained[key] = _train_setting(dataset, T, seed, grid.methods, config, test)
                 records += [{"noise": kind, "rate": rate, **run} for run in trained[key]]
                 if bar is not None:
                     bar.update()
@@ -85,10 +112,12 @@ def run_grid(grid: Grid, config: TrainConfig, progress: bool = False) -> List[di
     return records
 
 
-def _train_setting(dataset, T, seed: int, methods: Sequence[str],
-                   config: TrainConfig) -> List[dict]:
+def _train_setting(dataset, T, seed: int, methods: Sequence[str], config: TrainConfig,
+                   test=None) -> List[dict]:
     """Every method on one noisy split, sharing one CE warm-up."""
-    splits = make_splits(dataset, T, seed, config.val_fraction, config.test_fraction)
+    splits = make_splits(dataset, T, seed, config.val_fraction, config.test_fraction,
+                         config.inputs, test)
+    splits = splits.to(process_device(config.device))
     warm = warm_up(splits, config, seed) if set(methods) & set(WARM_STARTED) else None
     runs = []
     for method in methods:
@@ -98,18 +127,26 @@ def _train_setting(dataset, T, seed: int, methods: Sequence[str],
             "test_accuracy": result.test_accuracy,
             "train_noise_rate": splits.train.noise_rate,
             "val_noise_rate": splits.val.noise_rate,
-            "phases": [{"name": log.name, "best_epoch": log.best_epoch,
-                        # inf (every epoch's validation matrix singular) is stored as null
-                        "best_criterion": finite_or_none(log.best_criterion),
-                        "skipped_batches": log.skipped_batches}
-                       for log in result.phases],
+            "phases": phase_records(result.phases),
             "estimated_transition": result.estimated_transition,
+            "decision": result.decision,
         })
     return runs
 
 
 def finite_or_none(value: float) -> Optional[float]:
+    """inf (e.g. every validation matrix singular) and NaN are stored as null."""
     return value if math.isfinite(value) else None
+
+
+def phase_records(phases) -> List[dict]:
+    """The per-epoch curves of a run's phases (index 0: before training), JSON-ready."""
+    return [{"name": log.name, "best_epoch": log.best_epoch,
+             "best_criterion": finite_or_none(log.best_criterion),
+             "skipped_batches": log.skipped_batches,
+             "train_loss": [None if v is None else finite_or_none(v) for v in log.train_loss],
+             "val_criterion": [finite_or_none(v) for v in log.val_criterion]}
+            for log in phases]
 
 
 def summarise(records: Sequence[dict]) -> Dict[str, Dict[str, Dict[str, dict]]]:
@@ -128,12 +165,13 @@ def summarise(records: Sequence[dict]) -> Dict[str, Dict[str, Dict[str, dict]]]:
     return summary
 
 
-def markdown_table(summary: dict, methods: Sequence[str]) -> str:
+def markdown_table(summary: dict, methods: Sequence[str],
+                   titles: Dict[str, str] = NOISE_TITLES) -> str:
     """One table per noise kind: rows = noise rate, columns = methods, mean ± std of test
     accuracy (%) over seeds, the best mean in bold."""
     lines = []
     for kind, by_rate in summary.items():
-        lines += [f"### {NOISE_TITLES.get(kind, kind)}", "",
+        lines += [f"### {titles.get(kind, kind)}", "",
                   "| r | realised | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
                   "|---|---|" + "---|" * len(methods)]
         for rate, by_method in sorted(by_rate.items(), key=lambda item: float(item[0])):
@@ -155,7 +193,8 @@ def markdown_table(summary: dict, methods: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy(summary: dict, methods: Sequence[str], path: str) -> None:
+def plot_accuracy(summary: dict, methods: Sequence[str], path: str,
+                  titles: Dict[str, str] = NOISE_TITLES) -> None:
     """Test accuracy against r, one panel per noise kind, one line per method (± std band)."""
     import matplotlib
 
@@ -180,7 +219,7 @@ def plot_accuracy(summary: dict, methods: Sequence[str], path: str) -> None:
             line, = axis.plot(x, mean, marker="o", markersize=3, label=METHOD_LABELS[method],
                               linewidth=2.2 if method == "dmi" else 1.2)
             axis.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-        axis.set_title(NOISE_TITLES.get(kind, kind), fontsize=9)
+        axis.set_title(titles.get(kind, kind), fontsize=9)
         axis.set_xlabel("noise rate r")
         axis.set_ylabel("test accuracy (%)")
         axis.set_ylim(0, 101)
@@ -205,12 +244,12 @@ def write_reports(records: List[dict], grid: Grid, config: TrainConfig, out_dir:
                    "machine": platform.machine(), "processor": platform.processor(),
                    "cpu_count": os.cpu_count(), "torch_threads": threads}
     with open(paths["results.json"], "w") as handle:
-        json.dump({"grid": asdict(grid), "config": config.to_dict(), "environment": environment,
+        json.dump({"dmi_ext_version": __version__, "grid": asdict(grid), "config": config.to_dict(), "environment": environment,
                    "wall_seconds": wall_seconds, "summary": summary, "runs": records},
                   handle, indent=1, allow_nan=False)
-    table = markdown_table(summary, grid.methods)
+    table = markdown_table(summary, grid.methods, noise_titles(grid))
     try:
-        plot_accuracy(summary, grid.methods, paths["accuracy.png"])
+        plot_accuracy(summary, grid.methods, paths["accuracy.png"], noise_titles(grid))
     except ImportError:
         paths["accuracy.png"] = None
         table += "\n(No plot: matplotlib is not installed.)\n"
@@ -220,7 +259,7 @@ def write_reports(records: List[dict], grid: Grid, config: TrainConfig, out_dir:
 
 
 def reproduce(grid: Grid, config: TrainConfig, out_dir: str, *, threads: int,
-              progress: bool = False) -> Dict[str, Optional[str]]:
+              progress: bool = False, dataset=None, test=None) -> Dict[str, Optional[str]]:
     start = time.perf_counter()
-    records = run_grid(grid, config, progress)
+    records = run_grid(grid, config, progress, dataset, test)
     return write_reports(records, grid, config, out_dir, time.perf_counter() - start, threads)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import should_step
 from .models import predict_logits
-from .parallel import for_global_batch
+from .parallel import for_global_batch, rank_and_world
 
 try:
     from tqdm.auto import tqdm
@@ -40,8 +40,16 @@ class TrainConfig:
     Defaults were chosen on validation data (see docs/toolkit.md), never on test data.
     """
 
+    device: str = _option("auto", "where to train: 'cpu', 'cuda' (the model, the data, the losses "
+                                  "and LCCN's sampler on the GPU; L_DMI through the fused CUDA "
+                                  "op; with --nproc, GPU k for process k, joined by NCCL) or "
+                                  "'auto' (cuda when torch sees a GPU)")
     model: str = _option("mlp", "network: 'mlp' (any data) or 'cnn' (image-shaped data)")
     hidden: int = _option(128, "width of the hidden layers")
+    layers: int = _option(2, "hidden layers of the MLP")
+    inputs: str = _option("standardize", "feature scaling, from the training split: "
+                                         "'standardize' (each feature to mean 0, std 1) or "
+                                         "'scale' (all features divided by the largest |x|)")
     batch_size: int = _option(128, "mini-batch size for CE, FW, GCE and LCCN (the last partial "
                                    "batch is spread over the others, so batches hold at least "
                                    "this; with --nproc, the rows of all processes together)")
@@ -62,6 +70,13 @@ class TrainConfig:
     lccn_alpha: float = _option(1.0, "LCCN's Dirichlet prior on each row of T (pseudo-counts)")
     dmi_epochs: int = _option(30, "epochs of L_DMI after the warm-up")
     dmi_lr: float = _option(1e-3, "Adam learning rate of L_DMI")
+    dmi_start: str = _option("best", "the CE warm-up epoch L_DMI starts from: 'best' (by "
+                                     "validation cross-entropy, the CE result) or 'final'")
+    dmi_rule: str = _option("auto", "DMI's decision rule: 'argmax', 'estimated-T' (per-class "
+                                      "offsets that maximise the clean accuracy estimated "
+                                      "through T from the noisy validation labels) or 'auto' "
+                                      "(those offsets where the validation split has at least "
+                                      "25 labels per entry of T and det T-hat > 0)")
     dmi_batch_size: int = _option(256, "mini-batch size of L_DMI (small batches make the joint "
                                        "matrix badly conditioned; the paper uses 128 or 256; "
                                        "with --nproc, the global batch U is formed over)")
@@ -128,7 +143,31 @@ class Batches:
         order = torch.randperm(len(self.x), generator=self.generator)
         for batch in order.tensor_split(len(self)):
             index = batch.tensor_split(self.world)[self.rank]
+            index = index.to(self.x.device)
             yield self.x[index], self.y[index], index
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> str:
+    """'cpu' or 'cuda' for a ``--device`` value; 'cuda' without a usable GPU is an error."""
+    if name not in DEVICES:
+        raise ValueError(f"argument --device must be one of {DEVICES}, got {name!r}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"argument --device: 'cuda' asked for, but torch {torch.__version__} sees "
+                         f"no GPU (CUDA build: {torch.version.cuda}); use --device cpu or auto")
+    return name
+
+
+def process_device(name: str) -> torch.device:
+    """The device of this process for a ``--device`` value: GPU k for rank k of a CUDA run."""
+    device = resolve_device(name)
+    if device == "cuda":
+        return torch.device("cuda", rank_and_world()[0] % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def derived_seed(seed: int, purpose: str) -> int:
@@ -142,12 +181,14 @@ def finite_or_inf(value: float) -> float:
 
 
 def fit(model: nn.Module, phase: Phase, loader: Iterable, val_x: Tensor, val_y: Tensor, *,
-        weight_decay: float = 0.0, progress: bool = False) -> PhaseLog:
+        weight_decay: float = 0.0, progress: bool = False,
+        final_state: Optional[dict] = None) -> PhaseLog:
     """Trains ``model`` in place for ``phase.epochs`` epochs; leaves it at the best epoch.
 
     Under a process group of several processes, ``loader`` yields this rank's share of each
     batch and every rank must call ``fit`` alike; the validation criterion uses ``phase.loss``
     as given, on the whole validation split, so every rank selects the same epoch.
+    ``final_state``: a dict that receives a copy of the last epoch's weights.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=phase.lr, weight_decay=weight_decay,
                                  foreach=True)
@@ -189,6 +230,8 @@ def fit(model: nn.Module, phase: Phase, loader: Iterable, val_x: Tensor, val_y: 
             best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
         if progress and tqdm is not None:
             epochs.set_postfix(train=train_history[-1], val=f"{val_history[-1]:.4g}")
+    if final_state is not None:
+        final_state.update(copy.deepcopy(model.state_dict()))
     model.load_state_dict(best_state)
     return PhaseLog(phase.name, best_epoch, val_history[best_epoch], train_history, val_history,
                     skipped)

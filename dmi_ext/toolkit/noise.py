@@ -4,8 +4,8 @@ A noise model is a row-stochastic matrix T with T[i, j] = P(noisy label = j | cl
 This module builds the matrices of the paper (uniform, pair flips, the three binary cases),
 validates any matrix a user brings, and draws noisy labels from clean ones with a seeded
 generator, reporting what was actually realised (the noise rate and the empirical T), since on a
-few hundred labels those differ visibly from the nominal ones. It needs only numpy: ``import
-dmi_ext`` does not import it, and the op never depends on it.
+few hundred labels those differ visibly from the nominal ones. It needs only numpy (not
+scikit-learn): ``import dmi_ext`` does not import it, and the op never depends on it.
 """
 
 from typing import NamedTuple, Sequence, Tuple, Union
