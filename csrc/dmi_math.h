@@ -80,6 +80,17 @@ C10_HOST_DEVICE inline double times_pow2(double x, int e) {
 
 // s = 1/n with n kept rows when normalizing (U = s * sums), else 1. No kept rows: U = 0, which
 // is singular.
+// A regular U whose inverse leaves the float64 range (a class predicted with probabilities below
+// ~1e-308: float64 logits ~710 apart) would give a gradient of +-inf and NaN; its gradient is
+// defined as 0, as for a singular U (loss and log|det U| stay exact). A table holding NaN (NaN
+// input, or a poisoned matrix) is left as it is: NaN in, NaN out. Flags of the table's entries
+// are or-ed together, then table_overflowed decides; every LU path applies it.
+constexpr int kTableInf = 1, kTableNaN = 2;
+C10_HOST_DEVICE inline int table_entry_flags(double v) {
+  return v != v ? kTableNaN : (v - v != v - v ? kTableInf : 0);  // NaN; +-inf (inf - inf is NaN)
+}
+C10_HOST_DEVICE inline bool table_overflowed(int flags) { return flags == kTableInf; }
+
 C10_HOST_DEVICE inline double joint_scale(int64_t kept_rows, bool normalize) {
   if (!normalize) return 1.0;
   return kept_rows > 0 ? 1.0 / static_cast<double>(kept_rows) : 0.0;

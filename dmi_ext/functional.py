@@ -1,4 +1,4 @@
-"""The public functional API: ``dmi_loss`` and ``joint_matrix`` (SPEC §1).
+"""The public functional API: ``dmi_loss`` and ``joint_matrix`` (docs/contract.md §1).
 
 Thin wrappers over ``torch.ops.dmi_ext``: they check the keywords' types, translate them into the
 op's arguments and shape the results; all maths, value checks and gradients live in the compiled

@@ -1,4 +1,4 @@
-"""The maths of SPEC §3-5 in plain torch, float64: the definition the kernels are tested against.
+"""The maths of docs/contract.md §3-5 in plain torch, float64: the definition the kernels are tested against.
 
 Slow on purpose (one-hot, matmul, slogdet, autograd), and short enough to read at a glance.
 """

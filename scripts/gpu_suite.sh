@@ -10,7 +10,7 @@
 #             in an order that would lower a shared memory attribute, lu_loss over > 65535 matrices
 #             (scripts/gpu_checks.py shapes / order)
 #   stress    two streams, multi-block shapes, 20 rounds bitwise equal; CUDA graph replay
-#   bench     benchmarks/cuda_bench.py against the GPU rows of SPEC §8
+#   bench     benchmarks/cuda_bench.py against the GPU rows of contract §8
 # Stages can be named to run a subset (`scripts/gpu_suite.sh test shapes`); default all.
 # Logs go to $OUT (the device tool's output folder), else benchmarks/results/: gpu_suite.log (device
 # name, driver, torch and nvcc versions, each stage's status and time) and one log per stage.

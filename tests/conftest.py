@@ -21,7 +21,7 @@ def full_rank_labels(n_kept, C, generator):
 
 def make_case(kind, N, C, *, dtype=torch.float64, from_logits=True, n_ignored=0, M=3, B=3,
               ignore_index=-100, seed=0, device="cpu"):
-    """Random (input, target) of one of the three shapes of SPEC §2.
+    """Random (input, target) of one of the three shapes of contract §2.
 
     N rows are kept per matrix (all classes present) and n_ignored more carry ignore_index.
     """

@@ -1,4 +1,4 @@
-"""Registration (SPEC §1, issue 2): opcheck on every op, torch.compile(fullgraph=True) of a model
+"""Registration (contract §1, issue 2): opcheck on every op, torch.compile(fullgraph=True) of a model
 that uses DMILoss without graph breaks, and agreement with eager."""
 
 import pytest

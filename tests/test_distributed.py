@@ -202,7 +202,7 @@ def scenario_class_absent_on_one_rank(rank, world):
 
 def scenario_singular_global_batch(rank, world):
     """A class absent from every rank: +inf loss, singular flag and zero gradient everywhere
-    (SPEC §5); with eps > 0 the loss is -log(eps)."""
+    (contract §5); with eps > 0 the loss is -log(eps)."""
     x, y = make_case("single", 40, 4, seed=400)
     y = torch.where(y == 3, 2, y)
     xr, yr = shard(x, y, rank, world)

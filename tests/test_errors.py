@@ -1,4 +1,4 @@
-"""Bad input (SPEC §7): each case raises, the message names the argument and the bad value, and
+"""Bad input (contract §7): each case raises, the message names the argument and the bad value, and
 the caller's tensors are unchanged afterwards."""
 
 import pytest

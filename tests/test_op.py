@@ -1,4 +1,4 @@
-"""The op against its definition (dmi_ext.reference, SPEC §2-6): values, gradients, shapes,
+"""The op against its definition (dmi_ext.reference, contract §2-6): values, gradients, shapes,
 dtypes, singular matrices, precision at large N, determinism."""
 
 import math

@@ -1,6 +1,6 @@
 """Property-based tests: over random shapes, label patterns (absent classes, ignored rows,
 fewer rows than classes) and keywords, the op equals the float64 reference, never gives NaN for
-finite input, and its loss obeys the invariances of SPEC §3."""
+finite input, and its loss obeys the invariances of contract §3."""
 
 import math
 
@@ -85,7 +85,7 @@ def test_row_order_and_label_permutation_invariance(case, seed):
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 8), st.integers(0, 2**31 - 1))
 def test_normalisation_shifts_loss_by_c_log_n(C, seed):
-    """SPEC §3: with eps = 0, scaling U by 1/n changes the loss by C log n, not the gradient."""
+    """contract §3: with eps = 0, scaling U by 1/n changes the loss by C log n, not the gradient."""
     gen = torch.Generator().manual_seed(seed)
     N = 4 * C
     x = torch.randn(N, C, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -218,17 +218,11 @@ struct Equilibrated {
   }
 };
 
-// A regular U whose inverse leaves the float64 range (a class predicted with probabilities
-// below ~1e-308: float64 logits ~710 apart) would give a gradient of +-inf and NaN. The gradient
-// is then defined as 0, as for a singular U (loss and log|det U| stay exact). A table with NaN
-// (NaN input, or a poisoned matrix) is left as it is: NaN in, NaN out.
+// The overflow rule of dmi_math.h (table_overflowed): U^-1 beyond float64 gives gradient 0.
 void zero_if_overflowed(double* table, int64_t n) {
-  bool inf = false;
-  for (int64_t e = 0; e < n; ++e) {
-    if (std::isnan(table[e])) return;
-    inf |= std::isinf(table[e]);
-  }
-  if (inf) std::fill(table, table + n, 0.0);
+  int flags = 0;
+  for (int64_t e = 0; e < n; ++e) flags |= table_entry_flags(table[e]);
+  if (table_overflowed(flags)) std::fill(table, table + n, 0.0);
 }
 
 void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t C,

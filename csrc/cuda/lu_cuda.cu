@@ -180,6 +180,11 @@ LossOutputs lu_loss_library(const at::Tensor& sums, const at::Tensor& counts, bo
       static_cast<int>(C), plan.chunks_per_matrix, log_eps_of(eps), loss.data_ptr<double>(),
       lad.data_ptr<double>(), singular.data_ptr<bool>(), table.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // dmi_math.h's overflow rule (table_overflowed: an inf and no NaN gives gradient 0) per matrix,
+  // in tensor ops because a matrix's table spans several blocks here; on the device, no host read.
+  const at::Tensor entries = table.view({G, C * C});
+  const at::Tensor overflowed = entries.isinf().any(1).logical_and_(entries.isnan().any(1).logical_not_());
+  table.masked_fill_(overflowed.view({G, 1, 1}), 0.0);
   return {loss, lad, singular, table};
 }
 

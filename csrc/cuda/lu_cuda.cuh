@@ -52,6 +52,7 @@ struct InverseShared {
   int col_exponent[kFusedMaxClasses];  // then columns by 2^c[k]
   double logabsdet;
   int singular;
+  int table_flags;  // kTableInf | kTableNaN, from every thread's share of the table
 };
 
 // Where a matrix's entries come from: entry e of U is the sum of base[j * stride + e] over
@@ -248,6 +249,7 @@ __device__ InverseResult invert_matrix(const MatrixSource& source, int C, double
   }
   if (tid == 0) {
     sh.singular = singular;
+    sh.table_flags = 0;
     int exponents = 0;
     for (int t = 0; t < C; ++t) exponents += sh.row_exponent[t] + sh.col_exponent[t];
     sh.logabsdet = singular ? -INFINITY : logabsdet + exponents * kLn2;
@@ -271,9 +273,17 @@ __device__ InverseResult invert_matrix(const MatrixSource& source, int C, double
     __syncthreads();
     const double f = -det_weight(result.logabsdet, log_eps) * scale;
     // U^-1[k][t] = A^-1[k][t] / 2^(c[k] + r[t]) undoes the equilibration.
+    int flags = 0;
     for (int e = tid; e < C * C; e += blockDim.x) {
       const int t = e / C, k = e - t * C;
-      table[e] = f * times_pow2(stage[e], -(sh.col_exponent[k] + sh.row_exponent[t]));
+      const double v = f * times_pow2(stage[e], -(sh.col_exponent[k] + sh.row_exponent[t]));
+      table[e] = v;
+      flags |= table_entry_flags(v);
+    }
+    if (flags != 0) atomicOr(&sh.table_flags, flags);
+    __syncthreads();
+    if (table_overflowed(sh.table_flags)) {  // U^-1 beyond float64: gradient 0, as on the CPU
+      for (int e = tid; e < C * C; e += blockDim.x) table[e] = 0.0;
     }
   }
   __syncthreads();

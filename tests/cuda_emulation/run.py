@@ -365,6 +365,17 @@ def run_cases(library):
     report(not bool(singular) and bool(torch.isfinite(grad).all())
            and torch.allclose(grad.double(), grad_ref, rtol=5e-2, atol=5e-2),
            "gradient beyond the float range: float64 backward, finite and correct")
+    # U^-1 beyond the float64 range (float64 logits ~713 apart): exact loss, gradient 0, not
+    # singular; C = 3 takes the fused LU, C = 130 the library LU (dmi_math.h, table_overflowed).
+    for C in (3, 130):
+        xo = torch.randn(16 * C, C, generator=g, dtype=torch.float64)
+        xo[:, 2] -= 713
+        yo = torch.arange(16 * C) % C
+        loss, singular, grad = loss_grad(xo, yo, torch.tensor(1.0, dtype=torch.float64))
+        want = ref.dmi_loss(xo, yo)
+        report(not bool(singular) and torch.allclose(loss, want, rtol=1e-12, atol=0)
+               and torch.equal(grad, torch.zeros_like(grad)),
+               f"U^-1 beyond float64 (C={C}): exact loss, gradient 0, not singular")
     out = emu.lu_loss(torch.eye(3, dtype=torch.float64) * 5e-324, torch.tensor(1), False, 0.0)
     report(not bool(out[2]) and abs(out[1].item() - 3 * -744.4400719213812) < 1e-9 * 2233,
            f"subnormal U: log|det| {out[1].item()}")
