@@ -8,9 +8,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 namespace dmi_ext {
+
+constexpr double kLn2 = 0.69314718055994530942;
 
 // log(eps), with eps = 0 mapped to -inf (then loss = -log|det U|).
 C10_HOST_DEVICE inline double log_eps_of(double eps) {
@@ -58,6 +61,21 @@ C10_HOST_DEVICE inline int scale_exponent(double max_abs) {
   int e = 0;
   ::frexp(max_abs, &e);  // max_abs = f * 2^e, f in [0.5, 1)
   return e - 1;
+}
+
+// x * 2^e, exact unless the result leaves the double range (then rounded as ldexp rounds): the
+// scaling of the equilibration above, and its undoing on the inverse. A multiply in the common
+// case.
+C10_HOST_DEVICE inline double times_pow2(double x, int e) {
+  if (e < -1022 || e > 1023) return ::ldexp(x, e);
+  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
+#if defined(__CUDA_ARCH__)
+  const double p = __longlong_as_double(static_cast<long long>(bits));
+#else
+  double p;
+  std::memcpy(&p, &bits, sizeof p);
+#endif
+  return x * p;
 }
 
 // s = 1/n with n kept rows when normalizing (U = s * sums), else 1. No kept rows: U = 0, which

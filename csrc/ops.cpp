@@ -125,9 +125,10 @@ Layout check_backward(const at::Tensor& grad_loss, const at::Tensor& input,
   TORCH_CHECK_VALUE(grad_table.numel() == G * C * C && grad_table.size(-1) == C,
                     "dmi_ext: argument 'grad_table' has shape ", shape_str(grad_table),
                     ", expected (", G, ", ", C, ", ", C, ")");
-  TORCH_CHECK_TYPE(at::isFloatingType(grad_loss.scalar_type()),
-                   "dmi_ext: argument 'grad_loss' must be floating point, got ",
-                   grad_loss.scalar_type());
+  // The kernels scale in float64 from a float32 or float64 upstream (the loss dtypes).
+  TORCH_CHECK_TYPE(grad_loss.scalar_type() == at::kFloat || grad_loss.scalar_type() == at::kDouble,
+                   "dmi_ext: argument 'grad_loss' must be float32 or float64 (the loss dtypes), "
+                   "got ", grad_loss.scalar_type());
   const int64_t expected = reduction == kReductionNone ? G : 1;
   TORCH_CHECK_VALUE(grad_loss.numel() == expected, "dmi_ext: argument 'grad_loss' has ",
                     grad_loss.numel(), " elements, expected ", expected);

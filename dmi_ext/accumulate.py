@@ -16,13 +16,15 @@ U is singular: loss +inf or -log eps, gradient 0, and a step would only replay m
 """
 
 import contextlib
-from typing import Callable, Iterable, List, NamedTuple, Optional, Union
+import numbers
+from typing import Callable, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ._checks import check_bool, check_tensor
 from ._ops import ops
-from .functional import DMIInfo, _reduction_code
+from .functional import DMIInfo, _check_loss_keywords, _explain_dispatch_error
 
 
 class DMIResult(NamedTuple):
@@ -33,9 +35,11 @@ class DMIResult(NamedTuple):
     info: DMIInfo
 
 
-def should_step(loss: Tensor, info: Optional[DMIInfo] = None) -> bool:
+def should_step(loss: Union[Tensor, float, "DMIResult", Tuple[Tensor, DMIInfo]],
+                info: Optional[DMIInfo] = None) -> bool:
     """Whether an optimizer step should follow this batch's backward.
 
+    ``loss`` is the loss tensor (or a float), or a whole ``DMIResult`` / ``(loss, info)`` pair.
     False when the loss is not finite (+inf: U singular with eps = 0; NaN: non-finite input), or
     when ``info`` (from ``return_info=True`` or ``DMIAccumulator``) flags any matrix as singular
     (with eps > 0 the loss is a finite -log(eps), but the gradient is still 0). Skipping matters
@@ -55,6 +59,20 @@ def should_step(loss: Tensor, info: Optional[DMIInfo] = None) -> bool:
     With several matrices (B or M shapes) one singular matrix skips the whole batch; to train on
     the others, use ``reduction="none"`` and back-propagate ``loss[~info.singular].sum()``.
     """
+    if info is None and isinstance(loss, tuple) and len(loss) == 2 \
+            and isinstance(loss[1], DMIInfo):
+        loss, info = loss  # a DMIResult, or the (loss, info) of return_info=True
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        loss = torch.tensor(float(loss))
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"dmi_ext: argument 'loss' must be the loss tensor (or a float, or a "
+                        f"DMIResult), got {_describe_type(loss)}")
+    if loss.numel() == 0:
+        raise ValueError(f"dmi_ext: argument 'loss' is empty (shape {tuple(loss.shape)}): there "
+                         f"is no loss to decide a step on")
+    if info is not None and not isinstance(info, DMIInfo):
+        raise TypeError(f"dmi_ext: argument 'info' must be a DMIInfo (from return_info=True or "
+                        f"DMIAccumulator), got {type(info).__name__}")
     if info is not None and bool(info.singular.any()):
         return False
     return bool(torch.isfinite(loss).all())
@@ -89,6 +107,186 @@ class _RNGState:
             for device, state in zip(self.devices, self.device_states):
                 torch.cuda.set_rng_state(state, device)
             yield
+
+
+def _describe_type(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+_REWORDABLE = (ValueError, TypeError, IndexError, RuntimeError)
+
+
+def _in_micro_batch(error: BaseException, k: int, where: str = "pass 1") -> BaseException:
+    """The error with the micro-batch it came from in its message (plain ValueError, TypeError,
+    IndexError and RuntimeError, the types of the op's checks) or in a note (any other type,
+    e.g. torch.OutOfMemoryError, whose message is left as it is)."""
+    where = f"micro-batch {k} ({where})"
+    if f"micro-batch {k}" in str(error):
+        return error
+    if type(error) in _REWORDABLE:
+        message = str(error)
+        if message.startswith("dmi_ext: "):
+            message = message[len("dmi_ext: "):]
+        return type(error)(f"dmi_ext: {where}: {message}").with_traceback(error.__traceback__)
+    if hasattr(error, "add_note"):
+        error.add_note(f"dmi_ext.DMIAccumulator: raised in {where}")
+    return error
+
+
+def _module_of(forward) -> Optional[nn.Module]:
+    """The module whose parameters and buffers a call of ``forward`` touches, where known."""
+    if isinstance(forward, nn.Module):
+        return forward
+    owner = getattr(forward, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _label_masks(targets: List[Tensor], bad) -> List[Tensor]:
+    # Meta tensors hold no labels to check; the op raises on their device.
+    return [bad(t) if t.device.type != "meta" else torch.zeros((), dtype=torch.bool)
+            for t in targets]
+
+
+def _first_bad(masks: List[Tensor]) -> Optional[int]:
+    """The index of the first mask with a True entry, with one host read for all of them."""
+    if not masks:
+        return None
+    devices = {m.device for m in masks}
+    if len(devices) == 1:
+        flags = torch.stack([m.any() for m in masks]).cpu()
+    else:
+        flags = torch.tensor([bool(m.any()) for m in masks])
+    bad = torch.nonzero(flags)
+    return int(bad[0]) if len(bad) else None
+
+
+def _raise_bad_label(targets: List[Tensor], masks: List[Tensor], k: int, ignore_index: int,
+                     bound: str) -> None:
+    t = targets[k]
+    position = torch.nonzero(masks[k])[0].tolist()
+    label = int(t[tuple(position)])
+    raise IndexError(f"dmi_ext: micro-batch {k} (pass 1): argument 'target' holds the label "
+                     f"{label} at {position}, {bound} and not ignore_index ({ignore_index})")
+
+
+def _check_targets(targets: List, ignore_index: int, validate: bool) -> int:
+    """Types, dtypes, shapes and (with ``validate``) negative labels of every micro-batch's
+    target, before any forward; returns the number of matrices."""
+    first = None
+    for k, t in enumerate(targets):
+        where = f"dmi_ext: micro-batch {k} (pass 1): argument 'targets'"
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where} must hold tensors of labels, got {_describe_type(t)}")
+        try:
+            check_tensor("targets", t)
+        except TypeError as error:
+            raise TypeError(f"{where}: {str(error).split(': ', 1)[1]}") from None
+        if t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{where} must hold int64 or int32 class labels, got {t.dtype}")
+        if t.dim() not in (1, 2):
+            raise ValueError(f"{where} has shape {list(t.shape)}: expected (n,), or (M, n) / "
+                             f"(B, n) for several matrices")
+        if first is None:
+            first = t
+        elif t.dim() != first.dim() or (t.dim() == 2 and t.shape[0] != first.shape[0]):
+            raise ValueError(f"{where} has shape {list(t.shape)}, but micro-batch 0 has "
+                             f"{list(first.shape)}: every micro-batch needs the same number of "
+                             f"matrices (only the number of rows may differ)")
+    if validate:
+        masks = _label_masks(targets, lambda t: (t < 0) & (t != ignore_index))
+        bad = _first_bad(masks)
+        if bad is not None:
+            _raise_bad_label(targets, masks, bad, ignore_index, "negative")
+    assert first is not None  # targets is not empty (checked with inputs)
+    return 1 if first.dim() == 1 else first.shape[0]
+
+
+def _check_label_bound(targets: List[Tensor], classes: int, ignore_index: int) -> None:
+    masks = _label_masks(targets, lambda t: (t >= classes) & (t != ignore_index))
+    k = _first_bad(masks)
+    if k is not None:
+        _raise_bad_label(targets, masks, k, ignore_index, f"outside [0, {classes})")
+
+
+def _check_grad_loss(grad_loss, reduction_code: int, matrices: int):
+    if grad_loss is None:
+        if reduction_code == 0:
+            raise ValueError(
+                "dmi_ext: with reduction='none' the loss has one value per matrix; pass "
+                "argument 'grad_loss' (a tensor of that shape), as loss.backward(gradient) "
+                "would need")
+        return None
+    if isinstance(grad_loss, Tensor):
+        if not grad_loss.dtype.is_floating_point:
+            raise TypeError(f"dmi_ext: argument 'grad_loss' must be a floating-point tensor, "
+                            f"got {grad_loss.dtype}")
+        numel = grad_loss.numel()
+    elif isinstance(grad_loss, numbers.Real) and not isinstance(grad_loss, bool):
+        numel = 1
+    else:
+        raise TypeError(f"dmi_ext: argument 'grad_loss' must be a float or a tensor, got "
+                        f"{grad_loss!r} ({type(grad_loss).__name__})")
+    expected = matrices if reduction_code == 0 else 1
+    if numel != expected:
+        raise ValueError(f"dmi_ext: argument 'grad_loss' has {numel} elements, expected "
+                         f"{expected} (one per matrix with reduction='none', else one)")
+    return grad_loss
+
+
+class _Snapshot:
+    """What a failed ``DMIAccumulator`` call puts back: the generators' states, the module's
+    buffers (BatchNorm statistics) and, for ``backward``, the ``.grad`` of its parameters.
+
+    ``.grad`` is not copied: before pass 2 each parameter's ``.grad`` is set aside (a reference)
+    and set to None, so pass 2 writes fresh gradients; success adds them onto the set-aside ones
+    (one add per parameter that had a gradient), failure puts the references back untouched.
+    Buffers are cloned (small next to the parameters for ordinary models)."""
+
+    def __init__(self, forward, inputs, grads: bool):
+        module = _module_of(forward)
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = [(d, torch.cuda.get_rng_state(d)) for d in _cuda_devices(inputs)]
+        self.owns_grads = grads and module is not None
+        with torch.no_grad():
+            self.buffers = ([(b, b.clone()) for b in module.buffers()]
+                            if module is not None else [])
+        self.leaves: List[Tensor] = []
+        if grads and module is not None:
+            self.leaves = [p for p in module.parameters() if p.requires_grad]
+            self.leaves += [x for x in torch.utils._pytree.tree_leaves(inputs)
+                            if isinstance(x, Tensor) and x.requires_grad and x.is_leaf]
+        self.saved_grads: Optional[List[Optional[Tensor]]] = None
+
+    def detach_grads(self) -> None:
+        self.saved_grads = [p.grad for p in self.leaves]
+        for p in self.leaves:
+            p.grad = None
+
+    def merge_grads(self) -> None:
+        if self.saved_grads is None:
+            return
+        with torch.no_grad():
+            for p, old in zip(self.leaves, self.saved_grads):
+                if old is None:
+                    continue
+                if p.grad is not None:
+                    old.add_(p.grad)
+                p.grad = old
+        self.saved_grads = None
+
+    def restore(self) -> None:
+        if self.saved_grads is not None:
+            for p, old in zip(self.leaves, self.saved_grads):
+                p.grad = old
+            self.saved_grads = None
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        torch.set_rng_state(self.cpu_rng)
+        for device, state in self.cuda_rng:
+            torch.cuda.set_rng_state(state, device)
 
 
 class DMIAccumulator:
@@ -153,22 +351,17 @@ class DMIAccumulator:
     def __init__(self, *, from_logits: bool = True, normalize: bool = True, eps: float = 0.0,
                  ignore_index: int = -100, reduction: str = "mean", validate: bool = True,
                  process_group=None, grad_reduce: str = "mean", preserve_rng_state: bool = True):
-        eps = float(eps)
-        if not 0.0 <= eps < float("inf"):
-            raise ValueError(f"dmi_ext: argument 'eps' must be finite and >= 0, got {eps}")
-        self.reduction_code = _reduction_code(reduction)
-        from .distributed import _check_grad_reduce
+        (self.from_logits, self.normalize, self.eps, self.ignore_index, self.reduction_code,
+         self.validate) = _check_loss_keywords(from_logits, normalize, eps, ignore_index,
+                                               reduction, validate)
+        from .distributed import _check_grad_reduce, _check_process_group_type
 
         _check_grad_reduce(grad_reduce)
-        self.from_logits = from_logits
-        self.normalize = normalize
-        self.eps = eps
-        self.ignore_index = ignore_index
+        _check_process_group_type(process_group)
         self.reduction = reduction
-        self.validate = validate
         self.process_group = process_group
         self.grad_reduce = grad_reduce
-        self.preserve_rng_state = preserve_rng_state
+        self.preserve_rng_state = check_bool("preserve_rng_state", preserve_rng_state)
         self.reset()
 
     def __repr__(self) -> str:
@@ -185,63 +378,104 @@ class DMIAccumulator:
         self._dtype: Optional[torch.dtype] = None
         self._micro_batches = 0
         self._local_error: Optional[BaseException] = None
+        self._failed: Optional[str] = None
         self._group = None
         self._grad_table: Optional[Tensor] = None
         self._result: Optional[DMIResult] = None
 
+    def _mark_failed(self, error: BaseException) -> None:
+        if self._failed is None:
+            self._failed = f"{type(error).__name__}: {error}"
+
+    def _check_not_failed(self, what: str) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"dmi_ext: DMIAccumulator.{what} after a failed call "
+                               f"({self._failed}); the accumulated batch is incomplete: call "
+                               f"reset() and start again")
+
     def accumulate(self, input: Tensor, target: Tensor) -> None:
-        """Adds one micro-batch's joint sums and kept-row counts (read without a graph)."""
+        """Adds one micro-batch's joint sums and kept-row counts (read without a graph).
+
+        A failed check raises at once and marks the batch failed (``finish`` then raises until
+        ``reset``); under a process group it is raised by ``finish`` instead, on every rank,
+        after the ranks have agreed that one failed."""
+        self._check_not_failed("accumulate")
         if self._grad_table is not None:
             raise RuntimeError("dmi_ext: DMIAccumulator.accumulate after finish(); call reset() "
                                "to start a new batch")
         if self._micro_batches == 0:
             self._group = self._process_group()
+        k = self._micro_batches
+        self._micro_batches += 1
+        if self._local_error is not None:
+            return  # this rank failed already; finish() raises on every rank
+        try:
+            self._add(k, input, target)
+        except Exception as error:
+            named = _in_micro_batch(error, k)
+            if self._group is None:
+                self._failed = f"{type(named).__name__}: {named}"
+                raise named from None
+            self._local_error = named
+
+    def _add(self, k: int, input, target) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"dmi_ext: argument 'forward' must return the logits tensor, got "
+                            f"{_describe_type(input)}; if your model returns several outputs, "
+                            f"pass e.g. lambda x: model(x)[0]")
         input = input.detach()
         with torch.no_grad():
-            if self._group is None:
+            try:
                 sums, counts = ops.joint.default(input, target, self.from_logits,
                                                  self.ignore_index, self.validate)
-            else:
-                # A failed check is raised after the all-reduce in finish(), so that the other
-                # ranks fail too instead of hanging.
-                from .distributed import _local_joint
-
-                sums, counts, error = _local_joint(input, target, self.from_logits,
-                                                   self.ignore_index, self.validate)
-                if error is not None and self._local_error is None:
-                    self._local_error = error
+            except (NotImplementedError, RuntimeError) as error:
+                raise _explain_dispatch_error(error, ("input", input),
+                                              ("target", target)) from None
         if self._sums is None:
             self._sums, self._counts, self._dtype = sums, counts, input.dtype
-        else:
-            if sums.shape != self._sums.shape:
-                raise ValueError(
-                    f"dmi_ext: micro-batch {self._micro_batches} (input shape "
-                    f"{tuple(input.shape)}, target shape {tuple(target.shape)}) has joint "
-                    f"matrices of shape {tuple(sums.shape)}, but the earlier micro-batches "
-                    f"have {tuple(self._sums.shape)}: every micro-batch needs the same number of "
-                    f"matrices and classes")
-            self._sums = self._sums + sums  # never in place: the first sums are the op's output
-            self._counts = self._counts + counts
-        self._micro_batches += 1
+            return
+        if sums.shape != self._sums.shape:
+            raise ValueError(
+                f"dmi_ext: micro-batch {k} (input shape {tuple(input.shape)}, target shape "
+                f"{tuple(target.shape)}) has joint matrices of shape {tuple(sums.shape)}, but "
+                f"the earlier micro-batches have {tuple(self._sums.shape)}: every micro-batch "
+                f"needs the same number of matrices and classes")
+        self._sums = self._sums + sums  # never in place: the first sums are the op's output
+        self._counts = self._counts + counts
 
     def finish(self) -> DMIResult:
         """The loss of everything accumulated (summed over the ranks, if any) and its info; keeps
-        the grad table for ``input_grad``."""
+        the grad table for ``input_grad``. Raises if a call or a micro-batch failed."""
+        self._check_not_failed("finish")
         if self._result is not None:
             return self._result
-        if self._micro_batches == 0:
-            raise ValueError("dmi_ext: DMIAccumulator.finish with no micro-batch accumulated "
-                             "(argument 'inputs' was empty?)")
+        try:
+            return self._finish()
+        except Exception as error:
+            self._failed = f"{type(error).__name__}: {error}"
+            raise
+
+    def _finish(self) -> DMIResult:
+        if self._micro_batches == 0 and self._local_error is None:
+            error = ValueError("dmi_ext: DMIAccumulator.finish with no micro-batch accumulated "
+                               "(argument 'inputs' was empty?)")
+            if self._group is None:
+                raise error
+            self._local_error = error
         sums, counts = self._sums, self._counts
         if self._group is not None:
             from .distributed import _sum_over_ranks
 
-            sums, counts = _sum_over_ranks(sums, counts, self._local_error, self._group,
-                                           self.validate)
+            sums, counts = _sum_over_ranks(
+                None if self._local_error is not None else sums, counts, self._local_error,
+                self._group)
+        elif self._local_error is not None:
+            raise self._local_error
         from .distributed import _loss_dtype, _reduced
 
         loss, logabsdet, singular, grad_table = ops.lu_loss.default(
             sums, counts, self.normalize, self.eps)
+        assert self._dtype is not None  # set by the first micro-batch, or an error was raised
         dtype = _loss_dtype(self._dtype)
         self._grad_table = grad_table
         self._result = DMIResult(_reduced(loss, self.reduction_code, dtype),
@@ -254,9 +488,13 @@ class DMIAccumulator:
         in the dtype of ``input``; times ``grad_loss`` (the upstream gradient of the loss, 1 by
         default; a (G,) tensor with ``reduction="none"``) and, under a process group with
         ``grad_reduce="mean"``, times the world size."""
+        self._check_not_failed("input_grad")
         if self._grad_table is None:
             raise RuntimeError("dmi_ext: DMIAccumulator.input_grad before finish()")
-        upstream = self._upstream(grad_loss, input.device)
+        assert self._result is not None  # set together with the grad table
+        matrices = self._result.info.singular.numel()
+        upstream = self._upstream(_check_grad_loss(grad_loss, self.reduction_code, matrices),
+                                  input.device)
         with torch.no_grad():
             return ops.dmi_backward.default(upstream, input.detach(), target, self._grad_table,
                                             self.from_logits, self.ignore_index,
@@ -265,31 +503,75 @@ class DMIAccumulator:
     # ---- both passes --------------------------------------------------------------------------
 
     def loss(self, forward: Callable, inputs: Iterable, targets: Iterable) -> DMIResult:
-        """Pass 1 only: the loss of the whole batch, without a graph (e.g. for validation)."""
-        inputs, targets = self._micro_batch_lists(inputs, targets)
-        self._first_pass(forward, inputs, targets, record_rng=False)
-        return self.finish()
+        """Pass 1 only: the loss of the whole batch, without a graph (e.g. for validation).
+
+        Every check that needs no forward runs before the first one; a failed call leaves the
+        model's buffers (BatchNorm statistics) and the generators as it found them."""
+        self.reset()
+        inputs, targets = list(inputs), list(targets)
+        snapshot = _Snapshot(forward, inputs, grads=False)
+        try:
+            self._first_pass(forward, inputs, targets, record_rng=False, backward=False)
+            return self.finish()
+        except BaseException as error:
+            snapshot.restore()
+            self._mark_failed(error)
+            raise
 
     def backward(self, forward: Callable, inputs: Iterable, targets: Iterable, *,
                  grad_loss: Union[None, float, Tensor] = None) -> DMIResult:
         """Both passes: returns the loss of the whole batch and accumulates its exact gradient
         into the parameters' ``.grad`` (as ``loss.backward()`` would; ``grad_loss`` as in
-        ``loss.backward(gradient)``, e.g. ``scaler.get_scale()`` under a ``GradScaler``)."""
-        inputs, targets = self._micro_batch_lists(inputs, targets)
-        states = self._first_pass(forward, inputs, targets, record_rng=self.preserve_rng_state)
-        result = self.finish()
-        if bool(result.info.singular.all()):
-            return result  # the gradient is exactly 0 (and the same on every rank)
+        ``loss.backward(gradient)``, e.g. ``scaler.get_scale()`` under a ``GradScaler``).
+
+        Transactional when ``forward`` is an ``nn.Module`` (or a bound method of one): every
+        check that needs no forward runs before the first one, and a call that fails at any
+        point (a bad micro-batch, an out-of-memory error or an interrupt in either pass) leaves
+        ``.grad``, the model's buffers (BatchNorm statistics) and the generators as it found
+        them. With another callable the parameters are unknown: an error in pass 2 says so."""
+        self.reset()
+        inputs, targets = list(inputs), list(targets)
+        snapshot = _Snapshot(forward, inputs, grads=True)
+        try:
+            states = self._first_pass(forward, inputs, targets,
+                                      record_rng=self.preserve_rng_state, backward=True,
+                                      grad_loss=grad_loss)
+            result = self.finish()
+            if bool(result.info.singular.all()):
+                return result  # the gradient is exactly 0 (and the same on every rank)
+            snapshot.detach_grads()
+            self._second_pass(forward, inputs, targets, states, grad_loss, snapshot)
+        except BaseException as error:
+            snapshot.restore()
+            self._mark_failed(error)
+            raise
+        snapshot.merge_grads()
+        return result
+
+    def _second_pass(self, forward, inputs, targets, states, grad_loss, snapshot) -> None:
         no_sync = getattr(forward, "no_sync", None)
         last = len(inputs) - 1
         for k, (item, target) in enumerate(zip(inputs, targets)):
             sync = no_sync() if no_sync is not None and k < last else contextlib.nullcontext()
             replay = states[k].replay() if states else contextlib.nullcontext()
-            with sync:
-                with replay:
-                    logits = forward(item)
-                logits.backward(self.input_grad(logits, target, grad_loss))
-        return result
+            try:
+                with sync:
+                    with replay:
+                        logits = forward(item)
+                    if not isinstance(logits, Tensor) or not logits.requires_grad:
+                        raise RuntimeError(
+                            f"dmi_ext: argument 'forward' returned logits that do not require "
+                            f"grad in pass 2 ({_describe_type(logits)}): a frozen model, or "
+                            f"a forward that detaches its output")
+                    logits.backward(self.input_grad(logits, target, grad_loss))
+            except Exception as error:
+                named = _in_micro_batch(error, k, "pass 2")
+                if not snapshot.owns_grads and k > 0 and hasattr(named, "add_note"):
+                    named.add_note(
+                        f"dmi_ext: the gradients of micro-batches 0 to {k - 1} were already "
+                        f"added to .grad ('forward' is not an nn.Module, so its parameters are "
+                        f"unknown to DMIAccumulator): zero them before retrying")
+                raise named from None
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -304,11 +586,6 @@ class DMIAccumulator:
 
     def _upstream(self, grad_loss, device) -> Tensor:
         if grad_loss is None:
-            if self.reduction_code == 0:
-                raise ValueError(
-                    "dmi_ext: with reduction='none' the loss has one value per matrix; pass "
-                    "argument 'grad_loss' (a tensor of that shape), as loss.backward(gradient) "
-                    "would need")
             grad_loss = 1.0
         # float64, so that a multiplier like 3 adds no rounding (as in dmi_ext.distributed).
         upstream = torch.as_tensor(grad_loss, dtype=torch.float64, device=device)
@@ -318,22 +595,61 @@ class DMIAccumulator:
             upstream = upstream * _grad_multiplier(self._group, self.grad_reduce)
         return upstream
 
-    @staticmethod
-    def _micro_batch_lists(inputs, targets):
-        inputs, targets = list(inputs), list(targets)
+    def _check_call(self, forward, inputs, targets, backward: bool, grad_loss) -> None:
+        """Everything that can be checked before the first forward."""
+        if not callable(forward):
+            raise TypeError(f"dmi_ext: argument 'forward' must be callable (the model), got "
+                            f"{_describe_type(forward)}")
         if len(inputs) != len(targets):
             raise ValueError(f"dmi_ext: arguments 'inputs' and 'targets' must hold the same "
                              f"number of micro-batches, got {len(inputs)} and {len(targets)}")
-        return inputs, targets
-
-    def _first_pass(self, forward, inputs, targets, record_rng: bool) -> List[_RNGState]:
         if not inputs:
             raise ValueError("dmi_ext: argument 'inputs' holds no micro-batch")
-        self.reset()
+        matrices = _check_targets(targets, self.ignore_index, self.validate)
+        if not backward:
+            return
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            raise RuntimeError("dmi_ext: DMIAccumulator.backward needs gradients, but it was "
+                               "called under torch.no_grad() or torch.inference_mode(); use "
+                               "DMIAccumulator.loss for a loss without gradients")
+        _check_grad_loss(grad_loss, self.reduction_code, matrices)
+        module = _module_of(forward)
+        if module is not None and not any(p.requires_grad for p in module.parameters()) \
+                and not any(isinstance(x, Tensor) and x.requires_grad for x in
+                            torch.utils._pytree.tree_leaves(inputs)):
+            raise ValueError(f"dmi_ext: argument 'forward' ({type(module).__name__}) has no "
+                             f"parameter that requires grad, and no input requires grad: "
+                             f"there is no gradient to accumulate (a frozen model?)")
+
+    def _first_pass(self, forward, inputs, targets, record_rng: bool, backward: bool,
+                    grad_loss=None) -> List[_RNGState]:
         states = []
+        self._group = self._process_group()
+        try:
+            self._check_call(forward, inputs, targets, backward, grad_loss)
+        except Exception as error:
+            if self._group is None:
+                raise
+            self._local_error = error  # raised by finish() on every rank
+            return states
         with torch.no_grad():
-            for item, target in zip(inputs, targets):
+            for k, (item, target) in enumerate(zip(inputs, targets)):
                 if record_rng:
                     states.append(_RNGState(item))
-                self.accumulate(forward(item), target)
+                try:
+                    logits = forward(item)
+                    if k == 0 and self.validate and isinstance(logits, Tensor) \
+                            and logits.dim() >= 1:
+                        # The labels' upper bound needs C: check every micro-batch now, before
+                        # the other forwards.
+                        _check_label_bound(targets, logits.shape[-1], self.ignore_index)
+                except Exception as error:
+                    named = _in_micro_batch(error, k)
+                    if self._group is None:
+                        raise named from None
+                    self._local_error = named
+                    return states
+                self.accumulate(logits, target)
+                if self._local_error is not None:
+                    return states
         return states

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._ops import ops
-from .functional import DMIInfo, _reduction_code
+from ._checks import check_bool
+from .functional import DMIInfo, _check_loss_keywords, _explain_dispatch_error, _reduction_code
 from .functional import dmi_loss as _single_process_dmi_loss
 from .loss import DMILoss as _SingleProcessDMILoss
 
@@ -27,10 +28,20 @@ _GRAD_REDUCES = ("mean", "sum")
 
 
 def _check_grad_reduce(grad_reduce: str) -> None:
-    if grad_reduce not in _GRAD_REDUCES:
+    if not isinstance(grad_reduce, str) or grad_reduce not in _GRAD_REDUCES:
         raise ValueError(
             f"dmi_ext: argument 'grad_reduce' must be 'mean' (gradients averaged over ranks, as "
             f"DDP does) or 'sum', got {grad_reduce!r}")
+
+
+def _check_process_group_type(process_group) -> None:
+    # new_group() gives non-members a sentinel, not a group: let it through to the membership
+    # check, which names it.
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup) \
+            and process_group is not dist.GroupMember.NON_GROUP_MEMBER:
+        raise TypeError(f"dmi_ext: argument 'process_group' must be a "
+                        f"torch.distributed.ProcessGroup or None (the default group), got "
+                        f"{process_group!r} ({type(process_group).__name__})")
 
 
 def _reduction_group(process_group) -> Optional["dist.ProcessGroup"]:
@@ -39,6 +50,10 @@ def _reduction_group(process_group) -> Optional["dist.ProcessGroup"]:
         if not (dist.is_available() and dist.is_initialized()):
             return None
         process_group = dist.group.WORLD
+    _check_process_group_type(process_group)
+    if not dist.is_initialized():
+        raise ValueError("dmi_ext: argument 'process_group' was given, but no process group is "
+                         "initialised (call torch.distributed.init_process_group first)")
     world = dist.get_world_size(process_group)
     if world < 0:
         raise ValueError(
@@ -47,67 +62,120 @@ def _reduction_group(process_group) -> Optional["dist.ProcessGroup"]:
     return process_group if world > 1 else None
 
 
-def _joint_matrices_shape(input: Tensor, target: Tensor) -> Optional[tuple]:
-    """The shape of the joint sums for these shapes (SPEC §2), or None where none can be read."""
-    if input.dim() not in (2, 3) or target.dim() not in (1, 2):
-        return None
-    C = input.shape[-1]
-    if input.dim() == 2 and target.dim() == 1:
-        return (C, C)
-    return (target.shape[0] if input.dim() == 2 else input.shape[0], C, C)
+_LOCAL_ERRORS = (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError)
+
+
+def _collective_device(group, tensor: Optional[Tensor]) -> torch.device:
+    """Where this rank's buffers for the group's collectives live: the data's device if it has
+    data, else the one the backend needs (NCCL: the current CUDA device)."""
+    if tensor is not None:
+        return tensor.device
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# The joint-matrix shape (G, C) the ranks of each group last agreed on. Every rank makes the same
+# sequence of collectives, so every rank holds the same entry: it sizes the one combined
+# all-reduce of the next call.
+_AGREED_SHAPES: dict = {}
+
+
+def _header(world: int, me: int, local_error, shape) -> Tensor:
+    """[failed flag per rank, G, C, G^2, C^2], summed over the ranks: any flag set means a rank
+    failed, and W * sum(G^2) == sum(G)^2 holds exactly when every rank has the same G (and so
+    for C)."""
+    header = torch.zeros(world + 4, dtype=torch.float64)
+    if local_error is not None:
+        header[me] = 1.0
+    else:
+        G, C = shape
+        header[world:] = torch.tensor([G, C, G * G, C * C], dtype=torch.float64)
+    return header
+
+
+def _agreed_shape(header: Tensor, world: int, me: int, local_error, shape) -> tuple:
+    """The (G, C) every rank has, from the summed header; raises on every rank when a rank
+    failed (its own error there, a ValueError naming it elsewhere) or the shapes differ."""
+    if local_error is not None:
+        raise local_error
+    failed = [r for r in range(world) if header[r] > 0]
+    if failed:
+        raise ValueError(
+            f"dmi_ext: the input checks of the distributed DMI loss failed on rank(s) {failed} "
+            f"of the process group (see the error raised there); the loss of the global batch "
+            f"is undefined")
+    g, c, g2, c2 = header[world:].tolist()
+    if world * g2 != g * g or world * c2 != c * c:
+        raise ValueError(
+            f"dmi_ext: the ranks of the process group disagree on the joint matrices: this rank "
+            f"(rank {me}) has {shape[0]} matrices of {shape[1]} classes, the ranks' mean is "
+            f"{g / world:g} matrices of {c / world:g} classes; every rank needs the same G and "
+            f"C (only the number of rows may differ)")
+    return int(round(g / world)), int(round(c / world))
 
 
 def _local_joint(input: Tensor, target: Tensor, from_logits: bool, ignore_index: int,
                  validate: bool):
-    """This rank's joint sums and counts, and the error of its input checks (or None).
-
-    On a failed check the sums are zeros of the right shape, so that the rank still takes part in
-    the collective (and the other ranks fail instead of hanging); ``_sum_over_ranks`` raises the
-    error after it. A shape that cannot even be read raises at once.
-    """
+    """This rank's joint sums and counts, and the error of its input checks (or None; then
+    the sums are None too)."""
     try:
         sums, counts = ops.joint.default(input, target, from_logits, ignore_index, validate)
         return sums, counts, None
-    except (ValueError, TypeError, IndexError, RuntimeError) as error:
-        shape = _joint_matrices_shape(input, target)
-        if shape is None:
-            raise
-        sums = torch.zeros(shape, dtype=torch.float64, device=input.device)
-        counts = torch.zeros(shape[:-2], dtype=torch.int64, device=input.device)
-        return sums, counts, error
+    except (NotImplementedError, RuntimeError) as error:
+        return None, None, _explain_dispatch_error(error, ("input", input), ("target", target))
+    except _LOCAL_ERRORS as error:
+        return None, None, error
 
 
-def _sum_over_ranks(sums: Tensor, counts: Tensor, local_error, group, validate: bool):
-    """The group's joint sums and counts: one all-reduce of [sums, counts, failed-check flag].
+def _sum_over_ranks(sums: Optional[Tensor], counts: Optional[Tensor], local_error, group,
+                    device: Optional[torch.device] = None):
+    """The group's joint sums and counts; raises on every rank when any rank's checks failed
+    (``local_error`` here, with ``sums`` None) or the ranks' shapes differ.
 
-    Raises ``local_error`` (this rank's failed check) after the collective; a failure on another
-    rank raises a ValueError (``validate=True``) or makes the sums NaN (``validate=False``, no
-    host sync).
+    The data buffer's size depends on the shape, and a rank that failed cannot say its shape, so
+    the ranks must first agree on it. One all-reduce (SUM) carries both: [header, sums, counts],
+    sized by the shape the ranks agreed on last time (``_AGREED_SHAPES``); a rank whose own shape
+    differs, or that failed, sends only its header there. Only when the shape changes (the first
+    call, or every rank moving to a new G or C together) does a second all-reduce carry the data.
+    So the normal path costs what it did before this check: one collective, W + 4 numbers
+    longer, and one host read of the header.
     """
-    failed = torch.full((1,), float(local_error is not None), dtype=torch.float64,
-                        device=sums.device)
-    # One buffer, one collective: [sums, counts, number of ranks whose checks failed].
-    # Counts are exact in float64 up to 2**53 rows.
-    packed = torch.cat([sums.reshape(-1), counts.reshape(-1).to(torch.float64), failed])
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    if local_error is not None:
-        raise local_error
-    n_sums = sums.numel()
-    global_sums = packed[:n_sums].view(sums.shape)
-    global_counts = packed[n_sums:-1].round().to(torch.int64).view(counts.shape)
-    ranks_failed = packed[-1]
-    if validate:
-        # A host sync, as the label checks of validate=True already are on a GPU.
-        n_failed = int(ranks_failed.item())
-        if n_failed > 0:
-            raise ValueError(
-                f"dmi_ext: the input checks of the distributed DMI loss failed on {n_failed} "
-                f"other rank(s) of the process group (see the error raised there); the loss "
-                f"of the global batch is undefined")
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    if device is None:
+        device = _collective_device(group, sums)
+    shape = None
+    if sums is not None:
+        shape = (1 if sums.dim() == 2 else sums.shape[0], sums.shape[-1])
+    header = _header(world, me, local_error, shape)
+    cached = _AGREED_SHAPES.get(group)
+    if cached is not None:
+        G, C = cached
+        packed = torch.zeros(world + 4 + G * C * C + G, dtype=torch.float64, device=device)
+        packed[: world + 4] = header.to(device)
+        if sums is not None and counts is not None and shape == cached:
+            torch.cat([sums.reshape(-1), counts.reshape(-1).to(torch.float64)],
+                      out=packed[world + 4:])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        agreed = _agreed_shape(packed[: world + 4].cpu(), world, me, local_error, shape)
+        assert sums is not None and counts is not None  # else _agreed_shape raised
+        if agreed == cached:
+            data = packed[world + 4:]
+            return data[: sums.numel()].view(sums.shape), \
+                data[sums.numel():].round().to(torch.int64).view(counts.shape)
     else:
-        # No sync: as for a bad label with validate=False, the loss becomes NaN instead.
-        global_sums = global_sums + torch.where(ranks_failed > 0, float("nan"), 0.0)
-    return global_sums, global_counts
+        header = header.to(device)
+        dist.all_reduce(header, op=dist.ReduceOp.SUM, group=group)
+        agreed = _agreed_shape(header.cpu(), world, me, local_error, shape)
+        assert sums is not None and counts is not None  # else _agreed_shape raised
+    # Every rank has the new shape `agreed`: exchange the data at its size.
+    _AGREED_SHAPES[group] = agreed
+    # Counts are exact in float64 up to 2**53 rows.
+    packed = torch.cat([sums.reshape(-1), counts.reshape(-1).to(torch.float64)])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    n_sums = sums.numel()
+    return packed[:n_sums].view(sums.shape), \
+        packed[n_sums:].round().to(torch.int64).view(counts.shape)
 
 
 def _grad_multiplier(group, grad_reduce: str) -> int:
@@ -139,7 +207,7 @@ class _GlobalBatchDMI(torch.autograd.Function):
                 validate, grad_multiplier):
         sums, counts, local_error = _local_joint(input, target, from_logits, ignore_index,
                                                  validate)
-        global_sums, global_counts = _sum_over_ranks(sums, counts, local_error, group, validate)
+        global_sums, global_counts = _sum_over_ranks(sums, counts, local_error, group)
 
         loss, logabsdet, singular, grad_table = ops.lu_loss.default(
             global_sums, global_counts, normalize, eps)
@@ -206,10 +274,18 @@ def dmi_loss(
             input, target, from_logits=from_logits, normalize=normalize, eps=eps,
             ignore_index=ignore_index, reduction=reduction, validate=validate,
             return_info=return_info)
+    # Keyword errors are the same on every rank when every rank passes the same keywords; if
+    # they do not, the ranks still agree on the error before any data is exchanged.
+    try:
+        args = _check_loss_keywords(from_logits, normalize, eps, ignore_index, reduction,
+                                    validate)
+        return_info = check_bool("return_info", return_info)
+    except (TypeError, ValueError) as error:
+        _sum_over_ranks(None, None, error, group)  # raises it here, and on the other ranks
+        raise
     grad_multiplier = _grad_multiplier(group, grad_reduce)
-    loss, logabsdet, singular = _GlobalBatchDMI.apply(
-        input, target, group, from_logits, normalize, float(eps), ignore_index,
-        _reduction_code(reduction), validate, grad_multiplier)
+    loss, logabsdet, singular = _GlobalBatchDMI.apply(input, target, group, *args,
+                                                      grad_multiplier)
     if return_info:
         return loss, DMIInfo(logabsdet, singular)
     return loss
@@ -225,6 +301,7 @@ class DMILoss(_SingleProcessDMILoss):
     def __init__(self, *, process_group=None, grad_reduce: str = "mean", **loss_keywords):
         super().__init__(**loss_keywords)
         _check_grad_reduce(grad_reduce)
+        _check_process_group_type(process_group)
         self.process_group = process_group
         self.grad_reduce = grad_reduce
 

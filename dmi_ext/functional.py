@@ -1,13 +1,15 @@
 """The public functional API: ``dmi_loss`` and ``joint_matrix`` (SPEC §1).
 
-Thin wrappers over ``torch.ops.dmi_ext``: they translate keywords into the op's arguments and
-shape the results; all maths, checks and gradients live in the compiled op.
+Thin wrappers over ``torch.ops.dmi_ext``: they check the keywords' types, translate them into the
+op's arguments and shape the results; all maths, value checks and gradients live in the compiled
+op.
 """
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, Tuple, Union, overload
 
 from torch import Tensor
 
+from ._checks import check_bool, check_eps, check_int, check_tensor
 from ._ops import ops
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -29,6 +31,45 @@ def _reduction_code(reduction: str) -> int:
         ) from None
 
 
+def _check_loss_keywords(from_logits, normalize, eps, ignore_index, reduction, validate):
+    """The op's scalar arguments from the public keywords, each of its documented type."""
+    return (check_bool("from_logits", from_logits), check_bool("normalize", normalize),
+            check_eps(eps), check_int("ignore_index", ignore_index), _reduction_code(reduction),
+            check_bool("validate", validate))
+
+
+def _explain_dispatch_error(error: Exception, *tensors) -> BaseException:
+    """The dispatcher's "Could not run 'dmi_ext::dmi' with arguments from the 'SparseCPU'
+    backend" (or a nested tensor's "NestedTensorImpl doesn't support sizes") for a sparse,
+    quantized or nested tensor, as an error naming the argument; any other error as it is.
+    Checked only after the op failed, so that the common call pays nothing for it."""
+    for name, tensor in tensors:
+        try:
+            check_tensor(name, tensor)
+        except TypeError as explained:
+            return explained
+    return error
+
+
+@overload
+def dmi_loss(input: Tensor, target: Tensor, *, from_logits: bool = ..., normalize: bool = ...,
+             eps: float = ..., ignore_index: int = ..., reduction: str = ...,
+             validate: bool = ..., return_info: Literal[False] = ...) -> Tensor: ...
+
+
+@overload
+def dmi_loss(input: Tensor, target: Tensor, *, from_logits: bool = ..., normalize: bool = ...,
+             eps: float = ..., ignore_index: int = ..., reduction: str = ...,
+             validate: bool = ..., return_info: Literal[True]) -> Tuple[Tensor, DMIInfo]: ...
+
+
+@overload
+def dmi_loss(input: Tensor, target: Tensor, *, from_logits: bool = ..., normalize: bool = ...,
+             eps: float = ..., ignore_index: int = ..., reduction: str = ...,
+             validate: bool = ..., return_info: bool) -> Union[Tensor, Tuple[Tensor, DMIInfo]]:
+    ...
+
+
 def dmi_loss(
     input: Tensor,
     target: Tensor,
@@ -40,7 +81,7 @@ def dmi_loss(
     reduction: str = "mean",
     validate: bool = True,
     return_info: bool = False,
-):
+) -> Union[Tensor, Tuple[Tensor, DMIInfo]]:
     """L_DMI = -log(|det U| + eps), U the C x C joint matrix of predictions and labels.
 
     input: logits (or probabilities if ``from_logits=False``) of shape (N, C) or (B, N, C).
@@ -52,12 +93,15 @@ def dmi_loss(
     ``validate=False`` a bad label makes its matrix's loss NaN instead. ``return_info=True``
     returns ``(loss, DMIInfo)`` with log|det U| and the singular flag per matrix.
     """
+    args = _check_loss_keywords(from_logits, normalize, eps, ignore_index, reduction, validate)
+    return_info = check_bool("return_info", return_info)
     # need_grad_table=False: the op's autograd kernel asks for the table itself when a gradient
     # can follow; otherwise (no_grad, inference_mode, no input requiring grad) the inverse is
     # skipped.
-    loss, logabsdet, singular, _ = ops.dmi.default(
-        input, target, from_logits, normalize, float(eps), ignore_index,
-        _reduction_code(reduction), validate, False)
+    try:
+        loss, logabsdet, singular, _ = ops.dmi.default(input, target, *args, False)
+    except (NotImplementedError, RuntimeError) as error:
+        raise _explain_dispatch_error(error, ("input", input), ("target", target)) from None
     if return_info:
         return loss, DMIInfo(logabsdet, singular)
     return loss
@@ -77,7 +121,14 @@ def joint_matrix(
     Shape (C, C) for one matrix, else (G, C, C). With ``normalize`` each U is divided by its
     number of kept rows (a matrix with no kept rows is all zero).
     """
-    sums, counts = ops.joint.default(input, target, from_logits, ignore_index, validate)
+    from_logits = check_bool("from_logits", from_logits)
+    normalize = check_bool("normalize", normalize)
+    ignore_index = check_int("ignore_index", ignore_index)
+    validate = check_bool("validate", validate)
+    try:
+        sums, counts = ops.joint.default(input, target, from_logits, ignore_index, validate)
+    except (NotImplementedError, RuntimeError) as error:
+        raise _explain_dispatch_error(error, ("input", input), ("target", target)) from None
     if not normalize:
         return sums
     return sums / counts.clamp(min=1).to(sums.dtype)[..., None, None]

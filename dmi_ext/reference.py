@@ -13,8 +13,9 @@ from torch import Tensor, nn
 def joint_matrix(input: Tensor, target: Tensor, *, from_logits: bool = True,
                  normalize: bool = True, ignore_index: int = -100) -> Tensor:
     P = input.double().softmax(-1) if from_logits else input.double()
+    target = target.long()  # compared in int64, as the op does: int32 would wrap ignore_index
     kept = target != ignore_index
-    onehot = F.one_hot(torch.where(kept, target, 0).long(), P.shape[-1]).double()
+    onehot = F.one_hot(torch.where(kept, target, 0), P.shape[-1]).double()
     U = (onehot * kept[..., None]).mT @ P  # (.., C, N) @ (.., N, C): row = label, col = prediction
     if normalize:
         U = U / kept.sum(-1).clamp(min=1)[..., None, None]

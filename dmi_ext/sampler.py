@@ -14,6 +14,28 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ._checks import check_int
+
+
+def _label_tensor(labels) -> torch.Tensor:
+    """The labels as a 1-d integer tensor, or an error that says what is wrong with them."""
+    if not isinstance(labels, torch.Tensor):
+        array = np.asarray(labels)
+        if array.dtype.kind in "USO":
+            example = repr(array.flat[0]) if array.size else "none"
+            raise TypeError(f"argument 'labels' must hold integer class labels, got "
+                            f"{array.dtype.name} values (e.g. {example}); map them to integers "
+                            f"first, e.g. np.unique(labels, return_inverse=True)[1]")
+        labels = torch.as_tensor(array)
+    if labels.numel() == 0:
+        raise ValueError(f"argument 'labels' is empty (shape {tuple(labels.shape)}): there is "
+                         f"nothing to sample")
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex \
+            or labels.dtype == torch.bool:
+        raise ValueError(f"argument 'labels' must be a 1-d sequence of integer labels, got "
+                         f"dtype {labels.dtype} and shape {tuple(labels.shape)}")
+    return labels
+
 
 class ClassCoveringBatchSampler(Sampler[List[int]]):
     """Batches of dataset indices with every class in every batch, in the data's proportions.
@@ -44,23 +66,29 @@ class ClassCoveringBatchSampler(Sampler[List[int]]):
 
     def __init__(self, labels, batch_size: int, *, seed: int = 0,
                  num_replicas: Optional[int] = None, rank: Optional[int] = None):
-        labels = torch.as_tensor(labels)
-        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"argument 'labels' must be a 1-d sequence of integer labels, got "
-                             f"dtype {labels.dtype} and shape {tuple(labels.shape)}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"argument 'batch_size' must be an int >= 1, got {batch_size!r}")
-        if len(labels) == 0:
-            raise ValueError("argument 'labels' is empty: there is nothing to sample")
-        if num_replicas is None or rank is None:
-            group = torch.distributed.is_available() and torch.distributed.is_initialized()
-            if num_replicas is None:
-                num_replicas = torch.distributed.get_world_size() if group else 1
-            if rank is None:
-                rank = torch.distributed.get_rank() if group else 0
-        if not isinstance(num_replicas, int) or num_replicas < 1:
-            raise ValueError(f"argument 'num_replicas' must be an int >= 1, got {num_replicas!r}")
-        if not isinstance(rank, int) or not 0 <= rank < num_replicas:
+        labels = _label_tensor(labels)
+        batch_size = check_int("batch_size", batch_size)
+        if batch_size < 1:
+            raise ValueError(f"argument 'batch_size' must be >= 1, got {batch_size!r}")
+        seed = check_int("seed", seed)
+        if seed < 0:  # numpy's generators take non-negative seeds only; fail here, not in __iter__
+            raise ValueError(f"argument 'seed' must be >= 0, got {seed!r}")
+        if num_replicas is not None:
+            num_replicas = check_int("num_replicas", num_replicas)
+        if rank is not None:
+            rank = check_int("rank", rank)
+        group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if num_replicas is not None and rank is None and not group:
+            # Defaulting to rank 0 would give every process rank 0's share.
+            raise ValueError(f"argument 'rank' is required with num_replicas={num_replicas} when "
+                             f"no process group is initialised")
+        if num_replicas is None:
+            num_replicas = torch.distributed.get_world_size() if group else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if group else 0
+        if num_replicas < 1:
+            raise ValueError(f"argument 'num_replicas' must be >= 1, got {num_replicas!r}")
+        if not 0 <= rank < num_replicas:
             raise ValueError(f"argument 'rank' must be in [0, num_replicas = {num_replicas}), "
                              f"got {rank!r}")
         self.batch_size = batch_size
@@ -69,7 +97,7 @@ class ClassCoveringBatchSampler(Sampler[List[int]]):
         if smallest < num_replicas:
             raise ValueError(f"argument 'num_replicas': batches of {smallest} samples cannot be "
                              f"shared by {num_replicas} ranks (each needs one)")
-        self.seed, self.num_replicas, self.rank = int(seed), num_replicas, rank
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
         self.epoch = 0
         classes, inverse = np.unique(labels.numpy(), return_inverse=True)
         self.classes = classes
@@ -78,7 +106,10 @@ class ClassCoveringBatchSampler(Sampler[List[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose batches the next iteration yields (seed the draw with it)."""
-        self.epoch = int(epoch)
+        epoch = check_int("epoch", epoch)
+        if epoch < 0:
+            raise ValueError(f"argument 'epoch' must be >= 0, got {epoch!r}")
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.num_batches

@@ -41,8 +41,13 @@ if [ -n "$include" ]; then export DMI_EXT_CUDA_INCLUDE=$include; fi
 
 out=$root/build/cuda-check
 echo "[cuda-check] nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), CUDA_HOME=$CUDA_HOME, torch $(python -c 'import torch; print(torch.__version__)'), sm_90"
-DMI_EXT_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-2} \
-  python setup.py -q build_ext --build-temp "$out/temp" --build-lib "$out/lib"
+mkdir -p "$out"
+# ptxas -v reports registers, stack frame and spill bytes per kernel for every unit it compiles;
+# the report is kept per kernel in $out/ptxas.json, so a unit not recompiled keeps its numbers.
+NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -Xptxas=-v" DMI_EXT_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 \
+  MAX_JOBS=${MAX_JOBS:-2} python setup.py -q build_ext --build-temp "$out/temp" --build-lib "$out/lib" \
+  > "$out/build.log" 2>&1 || { cat "$out/build.log" >&2; echo "[cuda-check] FAILED: the build" >&2; exit 1; }
+grep -v "^ptxas info\|bytes stack frame\|^$" "$out/build.log" | grep -i "error\|warning" | head -n 20 || true
 library=$(ls "$out"/lib/dmi_ext/_C*.so)
 # cuobjdump: the toolkit's, else the copy in the triton wheel that torch depends on.
 cuobjdump=$(command -v cuobjdump || true)
@@ -57,9 +62,40 @@ if [ -n "$cuobjdump" ]; then
       exit 1
     fi
   done
-  # Registers and spills per kernel, for the record (spills show as a nonzero STACK).
-  "$cuobjdump" --dump-resource-usage "$library" | grep -c "STACK:[1-9]" \
-    | sed 's/^/[cuda-check] kernels with a stack frame (local memory): /'
+  # Registers, shared memory, stack and spill bytes per kernel, for the record (a small spill is
+  # a number to watch, not a failure).
+  "$cuobjdump" --dump-resource-usage "$library" > "$out/resource_usage.txt"
+  python - "$out" <<'PY'
+import json, os, re, subprocess, sys
+
+out = sys.argv[1]
+record = os.path.join(out, "ptxas.json")
+spills = json.load(open(record)) if os.path.exists(record) else {}
+name = None
+for line in open(os.path.join(out, "build.log")):
+    m = re.search(r"Function properties for (\S+)", line)
+    if m:
+        name = m.group(1)
+        continue
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m and name:
+        spills[name] = [int(g) for g in m.groups()]
+        name = None
+json.dump(spills, open(record, "w"), indent=0, sort_keys=True)
+usage = open(os.path.join(out, "resource_usage.txt")).read()
+rows = re.findall(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+names = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True,
+                       text=True).stdout.splitlines() if rows else []
+print(f"[cuda-check] {len(rows)} kernels (sm_90): registers, static shared memory, stack, spill stores/loads (bytes)")
+spilling = 0
+for (mangled, reg, stack, shared, local), pretty in sorted(zip(rows, names), key=lambda r: r[1]):
+    s = spills.get(mangled)
+    spill = f"{s[1]}/{s[2]}" if s else "?"
+    spilling += bool(s and (s[1] or s[2]))
+    pretty = re.sub(r"\bdmi_ext::cuda::(\(anonymous namespace\)::)?", "", pretty)
+    print(f"[cuda-check]   REG {reg:>3}  SHARED {shared:>5}  STACK {stack:>4}  SPILL {spill:>9}  {pretty[:120]}")
+print(f"[cuda-check] kernels that spill: {spilling} of {len(rows)}")
+PY
 else
   echo "[cuda-check] no cuobjdump: the sm_90 check of the library is skipped"
 fi

@@ -68,6 +68,37 @@ def test_cuda_half_inputs_match_cpu(kind, dtype):
                                rtol=1e-2, atol=1e-2 * grad_cpu.float().abs().max().item())
 
 
+# Issue 25: shapes whose dynamic shared memory fell in (48 KB - static, 48 KB] (the driver counts
+# static + dynamic against 48 KB without the opt-in), and C = 14 (Clothing1M) over N.
+LAUNCH_SHAPES = [("single", 330, 10, torch.float64), ("single", 1_000, 15, torch.float32),
+                 ("single", 5_000, 14, torch.float32), ("single", 100, 20, torch.float32),
+                 ("single", 200, 14, torch.float32), ("single", 50_000, 14, torch.float32),
+                 ("sources", 300, 74, torch.float32), ("sources", 300, 78, torch.float32)]
+
+
+@pytest.mark.parametrize("kind,N,C,dtype", LAUNCH_SHAPES)
+def test_launch_shapes_of_issue_25(kind, N, C, dtype):
+    x, y = make_case(kind, N, C, dtype=dtype, n_ignored=3, seed=C)
+    loss_cpu, info_cpu, grad_cpu = forward_backward(x, y, reduction="none")
+    loss_gpu, info_gpu, grad_gpu = forward_backward(x.cuda(), y.cuda(), reduction="none")
+    assert torch.equal(info_gpu.singular.cpu(), info_cpu.singular)
+    tol = 2e-5 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad_gpu.cpu(), grad_cpu, rtol=tol, atol=tol * grad_cpu.abs().max().item())
+
+
+@pytest.mark.parametrize("C", [6, 10, 33, 64, 100, FUSED, FUSED + 22])
+def test_equal_logit_columns_are_singular_as_on_the_cpu(C):
+    """x[:, 5] = x[:, 2]: U has two equal columns, singular by the CPU op's rule on every path."""
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(8 * C + 16, C, generator=g)
+    x[:, 5] = x[:, 2]
+    y = torch.arange(8 * C + 16) % C
+    loss_gpu, info_gpu, grad_gpu = forward_backward(x.cuda(), y.cuda())
+    assert bool(info_gpu.singular) and loss_gpu.item() == float("inf")
+    assert torch.equal(grad_gpu, torch.zeros_like(grad_gpu))
+
+
 def test_joint_and_lu_loss_ops_match_cpu():
     for kind, N, C in [("sources", 5_000, 10), ("batched", 300, 130)]:
         x, y = make_case(kind, N, C, dtype=torch.float32, n_ignored=7)

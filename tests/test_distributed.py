@@ -215,8 +215,8 @@ def scenario_singular_global_batch(rank, world):
 
 def scenario_failed_checks_raise_on_every_rank(rank, world):
     """A bad label on the last rank raises there (the op's own message) and on every other rank
-    (no hang), and so do zero rows on the last rank; with validate=False a rank with a float
-    target raises there and the others get NaN. The group is still usable afterwards."""
+    (no hang), and so do zero rows on the last rank and, with validate=False, a float target on
+    the last rank. The group is still usable afterwards."""
     x, y = make_case("single", 40, 4, seed=500)
     xr, yr = shard(x, y, rank, world)
     last = rank == world - 1
@@ -229,24 +229,87 @@ def scenario_failed_checks_raise_on_every_rank(rank, world):
     except (ValueError, IndexError) as error:
         raised = error
     try:
-        nan_loss = dmi_dist.dmi_loss(xr, yr.double() if last else yr, validate=False)
-    except TypeError as error:
-        nan_loss = error
+        dmi_dist.dmi_loss(xr, yr.double() if last else yr, validate=False)
+        float_target = None
+    except (TypeError, ValueError) as error:
+        float_target = error
     try:
         dmi_dist.dmi_loss(xr[:0] if last else xr, yr[:0] if last else yr)
         no_rows = None
     except ValueError as error:
         no_rows = error
     after = dmi_dist.dmi_loss(xr, yr)
+    other = f"failed on rank(s) [{world - 1}]"
     if last:
         assert isinstance(raised, IndexError) and "label 4" in str(raised), raised
-        assert isinstance(nan_loss, TypeError) and "'target'" in str(nan_loss), nan_loss
+        assert isinstance(float_target, TypeError) and "'target'" in str(float_target)
         assert "N = 0 rows" in str(no_rows), no_rows
     else:
-        assert isinstance(raised, ValueError) and "1 other rank" in str(raised), raised
-        assert torch.isnan(nan_loss), nan_loss
-        assert "1 other rank" in str(no_rows), no_rows
+        assert isinstance(raised, ValueError) and other in str(raised), raised
+        assert isinstance(float_target, ValueError) and other in str(float_target)
+        assert other in str(no_rows), no_rows
     assert_close(after, dmi_ext.dmi_loss(x, y))
+
+
+def _raises_on_every_rank_without_a_stall(group, call, mine, others):
+    """``call()`` raises ``mine`` (exception type, message part) on the rank whose input is bad
+    and ``others`` everywhere else, well before the group's timeout."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(Exception) as raised:
+        call()
+    elapsed = time.monotonic() - start
+    exc, text = mine if raised.type is mine[0] and mine[1] in str(raised.value) else others
+    assert raised.type is exc and text in str(raised.value), repr(raised.value)
+    assert elapsed < 15, f"took {elapsed:.1f} s: a stall until the timeout"
+    dist.barrier(group)
+    return elapsed
+
+
+def scenario_rank_local_errors_raise_on_every_rank(rank, world):
+    """Errors only one rank can see, raised before the all-reduce: an empty micro-batch list,
+    logits of another shape, logits that are not a tensor, an input of the wrong rank, another
+    number of classes, a bad keyword. Every rank raises, in a group whose timeout (30 s) would
+    turn a stall into a different error; each took well under a second here."""
+    from datetime import timedelta
+
+    group = dist.new_group(timeout=timedelta(seconds=30))
+    last = rank == world - 1
+    other = (ValueError, f"failed on rank(s) [{world - 1}]")
+    x, y = make_case("single", 24, 4, seed=700)
+    xr, yr = shard(x, y, rank, world)
+    model = nn.Linear(4, 4, dtype=torch.float64)
+    acc = dmi_ext.DMIAccumulator(process_group=group)
+    times = [
+        _raises_on_every_rank_without_a_stall(
+            group, lambda: acc.backward(model, [] if last else [xr], [] if last else [yr]),
+            (ValueError, "'inputs' holds no micro-batch"), other),
+        _raises_on_every_rank_without_a_stall(
+            group, lambda: acc.backward(lambda t: model(t)[..., :3] if last else model(t),
+                                        [xr], [yr % 3]),
+            (ValueError, "disagree on the joint matrices"),
+            (ValueError, "disagree on the joint matrices")),
+        _raises_on_every_rank_without_a_stall(
+            group, lambda: acc.backward(lambda t: (model(t),) if last else model(t), [xr], [yr]),
+            (TypeError, "must return the logits tensor, got a tuple"), other),
+        _raises_on_every_rank_without_a_stall(
+            group, lambda: dmi_dist.dmi_loss(xr[:, 0] if last else xr, yr, process_group=group),
+            (ValueError, "'input' must have shape (N, C) or (B, N, C)"), other),
+        _raises_on_every_rank_without_a_stall(
+            group, lambda: dmi_dist.dmi_loss(xr[:, :3] if last else xr, yr % 3,
+                                             process_group=group),
+            (ValueError, "disagree on the joint matrices"),
+            (ValueError, "disagree on the joint matrices")),
+        _raises_on_every_rank_without_a_stall(
+            group, lambda: dmi_dist.dmi_loss(xr, yr, process_group=group,
+                                             eps="0.1" if last else 0.1),
+            (TypeError, "'eps' must be a float"), other),
+    ]
+    assert max(times) < 15
+    # The group still works, and the accumulator too.
+    loss, _ = acc.backward(model, [xr], [yr])
+    assert torch.isfinite(loss)
 
 
 def scenario_process_group_subset(rank, world):
@@ -273,6 +336,7 @@ SCENARIOS = {fn.__name__.removeprefix("scenario_"): fn for fn in [
     scenario_class_absent_on_one_rank,
     scenario_singular_global_batch,
     scenario_failed_checks_raise_on_every_rank,
+    scenario_rank_local_errors_raise_on_every_rank,
     scenario_process_group_subset,
 ]}
 

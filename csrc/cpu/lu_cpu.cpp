@@ -22,8 +22,6 @@
 namespace dmi_ext::cpu {
 namespace {
 
-constexpr double kLn2 = 0.69314718055994530942;
-
 // Row operations of the Gauss-Jordan elimination below. Rows are padded with zeros to a multiple
 // of 4 (CP) so that every operation is whole vectors; a column that must be set, not updated, is
 // set through a lane mask, never by a scalar store: a scalar store followed by a vector load of
@@ -177,15 +175,6 @@ DMI_CPU_CLONES bool lu_pivots(double* A, int64_t C, int64_t CP, double tol, int6
   return gauss_jordan<false>(A, C, CP, tol, swaps, logabsdet);
 }
 
-// x * 2^e, exact unless the result leaves the double range; a multiply in the common case.
-DMI_INLINE double times_pow2(double x, int e) {
-  if (e < -1022 || e > 1023) return std::ldexp(x, e);
-  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
-  double p;
-  std::memcpy(&p, &bits, sizeof p);
-  return x * p;
-}
-
 // The equilibration of the singular rule (dmi_math.h): U = s * sums with row t divided by 2^r[t],
 // then column k by 2^c[k], each power of two putting that row's (then column's) largest entry in
 // [1, 2). Powers of two keep A = R U S exact and keep singularity and rank as they are; the rule's
@@ -229,6 +218,19 @@ struct Equilibrated {
   }
 };
 
+// A regular U whose inverse leaves the float64 range (a class predicted with probabilities
+// below ~1e-308: float64 logits ~710 apart) would give a gradient of +-inf and NaN. The gradient
+// is then defined as 0, as for a singular U (loss and log|det U| stay exact). A table with NaN
+// (NaN input, or a poisoned matrix) is left as it is: NaN in, NaN out.
+void zero_if_overflowed(double* table, int64_t n) {
+  bool inf = false;
+  for (int64_t e = 0; e < n; ++e) {
+    if (std::isnan(table[e])) return;
+    inf |= std::isinf(table[e]);
+  }
+  if (inf) std::fill(table, table + n, 0.0);
+}
+
 void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t C,
                    bool normalize, double log_eps, double* loss, double* logabsdet,
                    bool* singular, double* grad_table) {
@@ -257,6 +259,7 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
           for (int64_t t = 0; t < C; ++t)
             for (int64_t k = 0; k < C; ++k)
               table[t * C + k] = f * eq.unscale_inverse(A[k * CP + t], k, t);
+          zero_if_overflowed(table, CC);
         }
       }
       singular[g] = !ok;
@@ -304,6 +307,7 @@ void lu_loss_lapack(const double* sums, const int64_t* counts, int64_t G, int64_
     const double* invp = inv_t.const_data_ptr<double>();  // A^{-T}
     for (int64_t t = 0; t < C; ++t)
       for (int64_t k = 0; k < C; ++k) out[t * C + k] = f * eq.unscale_inverse(invp[t * C + k], k, t);
+    zero_if_overflowed(out, CC);
   }
 }
 

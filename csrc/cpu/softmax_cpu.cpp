@@ -2,13 +2,15 @@
 // softmax_cpu.h).
 //
 // Why this shape: rows are short (C = 10 is the common case), so a vector per row would leave most
-// lanes idle in the exp, the costly part. The float path therefore subtracts each row's own max
-// (a short vector max per row) into a flat tile, runs a branch-free vector exp over the whole tile
-// as a flat array (its tail included, so every element goes through the same exp), and then sums
-// each row. A row's probabilities are thus a function of that row alone, bit for bit, wherever it
-// sits in a tile: identical logit rows give identical probability rows, which is what lets a
-// rank-deficient U come out exactly rank-deficient (see lu_cpu.cpp). A tile holding NaN or +inf,
-// or a row of -inf, is redone row by row with std::exp (its loss is NaN, as torch.softmax's is).
+// lanes idle in the exp, the costly part. The float path therefore runs a branch-free vector exp
+// over the whole tile as a flat array, unshifted, and then sums each row: logits within ±64 need
+// no max subtracted (every exp is a normal float, no sum can overflow), which is nearly every
+// network's output, and skipping the per-row max saves a reduction per row. A row with a logit
+// outside that range is redone shifted by its own max; a row holding NaN or +inf, or all -inf,
+// with std::exp (NaN, as torch.softmax gives). Which path a row takes depends on that row alone,
+// so its probabilities are a function of that row alone, bit for bit, wherever it sits in a tile:
+// identical logit rows give identical probability rows, which is what lets a rank-deficient U
+// come out exactly rank-deficient (see lu_cpu.cpp).
 //
 // Why not at::vec: an extension compiled with default flags gets at::vec's scalar fallback, and
 // Sleef's exp lives inside libtorch with hidden symbols. The vectors here are GCC/Clang vector
@@ -45,7 +47,7 @@ DMI_INLINE float hmax(v8f v) {
 // Below this, exp_nonpositive returns 0: e^-104 is under half the smallest subnormal float.
 constexpr float kExpLow = -104.0f;
 
-// exp(x) for x <= 0 or -inf, to under one ulp (mean error 0.27 ulp, bias under 0.02 ulp, measured
+// exp(x) for x <= 64 or -inf (the shift-free range's positive half included), to under one ulp (mean error 0.27 ulp, bias under 0.02 ulp, measured
 // over [-104, 0] against float64 exp), subnormal results included as torch.softmax keeps them:
 // x = n ln2 + r with |r| <= ln2/2 (Cody-Waite, so r is exact), e^r = 1 + r + r^2 q(r) with the
 // Cephes degree-5 q, then 2^n applied as two normal powers of two 2^(n/2) 2^(n - n/2), so that a
@@ -93,57 +95,88 @@ DMI_INLINE void softmax_row_exact(const T* x, T* e, T* rinv, int64_t C) {
   *rinv = T(1) / s;
 }
 
+// Logits within [-kShiftFree, kShiftFree] need no shift: every exp is a normal float (and a row
+// sum stays far below the float maximum for any C up to 10^10), so softmax(x) = exp(x) / sum exp(x)
+// is computed from x itself, one flat vector exp over the tile with no per-row reduction first.
+constexpr float kShiftFree = 64.0f;
+
+DMI_INLINE v8i in_shift_free_range(v8f v) { return (v >= -kShiftFree) & (v <= kShiftFree); }
+
+// rinv[i] = sum of row i of E (C entries; the last partial vector is read whole, masked: E needs
+// kTileSlack elements past the tile). One routine for every row, shifted or not.
+DMI_INLINE float row_sum(const float* e, int64_t cv, int64_t C, v8i tail) {
+  v8f acc = splat(0.0f);
+  for (int64_t k = 0; k < cv; k += 8) acc += load8(e + k);
+  if (cv < C) acc += (v8f)((v8i)load8(e + cv) & tail);
+  return hsum(acc);
+}
+
+// One row shifted by its own max into E (e = exp(x - max) in (0, 1]), its sum returned: the path
+// of a row with a logit outside the shift-free range. False for a row holding NaN or +inf, or all
+// -inf, which the caller computes exactly instead.
+DMI_INLINE bool shifted_row(const float* x, float* e, float* sum, int64_t cv, int64_t C,
+                            v8i tail) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  float m = -kInf;
+  for (int64_t k = 0; k < C; ++k) {
+    if (!(x[k] < kInf)) return false;  // NaN or +inf
+    m = x[k] > m ? x[k] : m;
+  }
+  if (!(m > -kInf)) return false;  // a row of -inf: NaN, as torch.softmax gives
+  const v8f mv = splat(m);
+  for (int64_t k = 0; k < cv; k += 8) store8(e + k, exp_nonpositive(load8(x + k) - mv));
+  if (cv < C) {
+    v8f last = splat(-kInf);
+    for (int64_t k = cv; k < C; ++k) last[k - cv] = x[k];
+    // Lanes past C land in the next row (rewritten when that row is done) or the slack.
+    v8f done = exp_nonpositive(last - mv);
+    for (int64_t k = cv; k < C; ++k) e[k] = done[k - cv];
+  }
+  *sum = row_sum(e, cv, C, tail);
+  return true;
+}
+
 DMI_INLINE void softmax_rows_float(const float* X, float* E, float* rinv, int64_t rows,
                                    int64_t C) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   const int64_t cv = C / 8 * 8;
   const v8i tail = lanes_below(C - cv);
-  const v8f neg_inf = splat(-kInf);
-  // 1. Each row minus its max, into E. A row's last partial vector is read whole (masked) except
-  // for the tile's last row, whose read could pass the end of X.
-  v8i bad = v8i{};
-  bool exact = false;
-  const int64_t n = rows * C;
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* x = X + i * C;
-    float* e = E + i * C;
-    v8f m = neg_inf;
-    for (int64_t k = 0; k < cv; k += 8) {
-      const v8f v = load8(x + k);
-      m = select(v > m, v, m);
-      bad |= ~(v < kInf);  // NaN or +inf
-    }
-    v8f last = neg_inf;
-    if (cv < C) {
-      if (i * C + cv + 8 <= n) {
-        last = select(tail, load8(x + cv), neg_inf);
-      } else {
-        for (int64_t k = cv; k < C; ++k) last[k - cv] = x[k];
+  const int64_t n = rows * C, n8 = n / 8 * 8;
+  // 1. exp over the flat tile, unshifted, noting whether every logit is in the shift-free range
+  // (NaN is not). The tile's last partial vector is gathered: X may be the caller's tensor.
+  v8i fits = ~v8i{};
+  for (int64_t j = 0; j < n8; j += 8) {
+    const v8f v = load8(X + j);
+    fits &= in_shift_free_range(v);
+    store8(E + j, exp_nonpositive(v));
+  }
+  if (n8 < n) {
+    v8f v = splat(0.0f);
+    for (int64_t j = n8; j < n; ++j) v[j - n8] = X[j];
+    fits &= in_shift_free_range(v);
+    store8(E + n8, exp_nonpositive(v));  // into the slack past n
+  }
+  bool all_fit = true;
+  for (int l = 0; l < 8; ++l) all_fit &= fits[l] != 0;
+  // 2. Row sums. A row is shifted by its own max exactly when one of its own logits is outside the
+  // range, so a row's probabilities are a function of that row alone, whatever else the tile
+  // holds (see the file comment).
+  if (all_fit) {
+    for (int64_t i = 0; i < rows; ++i) rinv[i] = row_sum(E + i * C, cv, C, tail);
+  } else {
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* x = X + i * C;
+      bool row_fits = true;
+      for (int64_t k = 0; k < C; ++k) row_fits &= x[k] >= -kShiftFree && x[k] <= kShiftFree;
+      if (row_fits) {
+        rinv[i] = row_sum(E + i * C, cv, C, tail);
+      } else if (!shifted_row(x, E + i * C, rinv + i, cv, C, tail)) {
+        // NaN or +inf in the row, or all -inf: its softmax is NaN, as torch.softmax's (the
+        // reciprocal below keeps it NaN).
+        softmax_row_exact(x, E + i * C, rinv + i, C);
       }
-      m = select(last > m, last, m);
-      bad |= ~(last < kInf) & tail;
     }
-    const float M = hmax(m);
-    exact |= !(M > -kInf);  // a row of -inf: NaN, as torch.softmax gives
-    const v8f Mv = splat(M);
-    for (int64_t k = 0; k < cv; k += 8) store8(e + k, load8(x + k) - Mv);
-    if (cv < C) store8(e + cv, last - Mv);  // lanes past C land in the next row or the slack
   }
-  for (int l = 0; l < 8; ++l) exact |= bad[l] != 0;
-  if (exact) {
-    for (int64_t i = 0; i < rows; ++i) softmax_row_exact(X + i * C, E + i * C, rinv + i, C);
-    return;
-  }
-  // 2. exp over the flat tile, the last partial vector into the slack.
-  for (int64_t j = 0; j < n; j += 8) store8(E + j, exp_nonpositive(load8(E + j)));
-  // 3. Row sums (each at least 1: the max's exp), then reciprocals eight rows at a time.
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* e = E + i * C;
-    v8f acc = splat(0.0f);
-    for (int64_t k = 0; k < cv; k += 8) acc += load8(e + k);
-    if (cv < C) acc += (v8f)((v8i)load8(e + cv) & tail);  // reads into slack, masked off
-    rinv[i] = hsum(acc);
-  }
+  // 3. Reciprocals, eight rows at a time.
   for (int64_t i = 0; i < rows; i += 8) store8(rinv + i, 1.0f / load8(rinv + i));
 }
 
@@ -157,10 +190,13 @@ DMI_INLINE void softmax_backward_rows_float(float* out, const float* const* grow
     const float* er = E + i * C;
     float* o = out + i * C;
     const float r = rinv[i];
+    // <g, p> with p = e * r formed first: an unshifted e can reach e^64, and g times it alone
+    // could leave the float range where g times p cannot.
+    const v8f rv = splat(r);
     v8f acc = splat(0.0f);
-    for (int64_t k = 0; k < cv; k += 8) acc += load8(gr + k) * load8(er + k);
-    if (cv < C) acc += load8(gr + cv) * (v8f)((v8i)load8(er + cv) & tail);
-    const float dot = hsum(acc) * r;
+    for (int64_t k = 0; k < cv; k += 8) acc += load8(gr + k) * (load8(er + k) * rv);
+    if (cv < C) acc += load8(gr + cv) * ((v8f)((v8i)load8(er + cv) & tail) * rv);
+    const float dot = hsum(acc);
     for (int64_t k = 0; k < cv; k += 8) store8(o + k, load8(er + k) * r * (load8(gr + k) - dot));
     for (int64_t k = cv; k < C; ++k) o[k] = er[k] * r * (gr[k] - dot);
   }

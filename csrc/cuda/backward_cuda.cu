@@ -17,16 +17,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../dmi.h"
 #include "../dmi_math.h"
+#include "dmi_cuda.h"
+#include "launch_plan.h"
 #include "tiles_cuda.cuh"
 
 namespace dmi_ext::cuda {
 namespace {
 
-constexpr int kBackwardThreads = 256;
-constexpr size_t kStagedTableBudget = 32 * 1024;
+constexpr double kFloatMax = 3.4028234663852886e38;  // FLT_MAX
 
 template <typename grad_t>
 struct StridedGrad {  // grad_loss[g], read through its stride (0 when expanded)
@@ -93,17 +95,23 @@ __global__ void __launch_bounds__(kBackwardThreads)
       acc_t* row = tile + i * C;
       // dL/dP[i, k]: the sum over this row's matrices of scale_g * table_g[label, k], each term
       // rounded to acc_t as on the CPU; NaN for a label outside [0, C) (its matrix is NaN too).
+      // `wide`: a term beyond the float range (a class predicted with subnormal probabilities
+      // makes |U^-1| exceed 3.4e38), after which the row is redone in float64 below.
+      bool wide = false;
+      auto term = [&](int64_t m, int label, int k) -> double {
+        const int64_t entry = (m * C + label) * C + k;
+        return p.stage_table ? staged[entry]
+                             : grad_scale(p.grad_loss, slice * M + m, G, p.reduction) *
+                                   __ldg(p.table + slice * M * CC + entry);
+      };
       auto grad_p = [&](int k) -> acc_t {
         acc_t gk = 0;
         for (int64_t m = 0; m < M; ++m) {
           const int label = labels[m * TR + i];
           if (label == kOutOfRangeLabel) return nan;
           if (label < 0) continue;
-          const int64_t entry = (m * C + label) * C + k;
-          const double v = p.stage_table
-                               ? staged[entry]
-                               : grad_scale(p.grad_loss, slice * M + m, G, p.reduction) *
-                                     __ldg(p.table + slice * M * CC + entry);
+          const double v = term(m, label, k);
+          wide = wide || fabs(v) > kFloatMax;
           gk += static_cast<acc_t>(v);
         }
         return gk;
@@ -118,6 +126,36 @@ __global__ void __launch_bounds__(kBackwardThreads)
         }
         dot = lg.sum(dot);
         for (int k = lg.lane; k < C; k += lg.lanes) row[k] = row[k] * (grad_p(k) - dot);
+        if constexpr (!std::is_same_v<acc_t, double>) {
+          // The CPU's float64 backward for this row: g in float64, the softmax recomputed in
+          // float64 from the logits, the result rounded once. The CPU switches for the whole call
+          // when any table entry is beyond the float range; here only the rows that need it do.
+          if (lg.max(wide ? 1 : 0) != 0) {
+            const scalar_t* x = p.x.data + slice * p.x.stride_slice + (row0 + i) * p.x.stride_row;
+            auto logit = [&](int k) { return static_cast<double>(x[k * p.x.stride_class]); };
+            auto grad_p64 = [&](int k) -> double {
+              double gk = 0.0;
+              for (int64_t m = 0; m < M; ++m) {
+                const int label = labels[m * TR + i];
+                if (label == kOutOfRangeLabel) return NAN;
+                if (label >= 0) gk += term(m, label, k);
+              }
+              return gk;
+            };
+            double mx = -INFINITY;
+            for (int k = lg.lane; k < C; k += lg.lanes) mx = logit(k) > mx ? logit(k) : mx;
+            mx = lg.max(mx);
+            double sum = 0.0;
+            for (int k = lg.lane; k < C; k += lg.lanes) sum += exp(logit(k) - mx);
+            const double inv64 = 1.0 / lg.sum(sum);
+            double dot64 = 0.0;
+            for (int k = lg.lane; k < C; k += lg.lanes) dot64 += grad_p64(k) * (exp(logit(k) - mx) * inv64);
+            dot64 = lg.sum(dot64);
+            for (int k = lg.lane; k < C; k += lg.lanes) {
+              row[k] = static_cast<acc_t>(exp(logit(k) - mx) * inv64 * (grad_p64(k) - dot64));
+            }
+          }
+        }
       } else {
         for (int k = lg.lane; k < C; k += lg.lanes) row[k] = grad_p(k);
       }
@@ -133,7 +171,6 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& input, const
                      const at::Tensor& table, bool from_logits, int64_t ignore_index,
                      int64_t reduction, const Layout& L, at::Tensor& grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto* props = at::cuda::getCurrentDeviceProperties();
   const int64_t S = L.slices, M = L.sources, N = L.rows, C = L.classes;
   const Strides st = strides_of(input, target, L);
 
@@ -148,34 +185,18 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& input, const
   p.sources = M;
   p.from_logits = from_logits;
   p.ignore_index = ignore_index;
-  p.lanes = lanes_per_row(static_cast<int>(C));
-  const int64_t label_rows = std::max<int64_t>(1, static_cast<int64_t>(kLabelBudget / (sizeof(int) * M)));
-  p.tile_rows = static_cast<int>(std::min<int64_t>(tile_rows(C, N), label_rows));
-  const size_t table_bytes = static_cast<size_t>(M * C * C) * sizeof(double);
-  // Staging pays when the table is small and each of its rows serves several input rows.
-  p.stage_table = table_bytes <= kStagedTableBudget && N >= 2 * C;
-  size_t off = p.stage_table ? align16(table_bytes) : 0;
-  p.off_labels = off;
-  off += align16(static_cast<size_t>(M * p.tile_rows) * sizeof(int));
-  p.off_tile = off;
-  off += align16(static_cast<size_t>(p.tile_rows * C) * sizeof(acc_t));
-  const size_t smem = off;
-  TORCH_CHECK(smem <= static_cast<size_t>(props->sharedMemPerBlockOptin),
-              "dmi_ext: the backward kernel needs ", smem, " bytes of shared memory for C = ", C,
-              " and M = ", M, "; the device allows ", props->sharedMemPerBlockOptin);
-  p.out = grad_input.data_ptr<scalar_t>();
-
-  const int64_t tiles = S * ceil_div(N, p.tile_rows);
   auto kernel = backward_kernel<scalar_t, index_t, grad_t>;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
-  int per_sm = 0;  // resident blocks per multiprocessor: the persistent grid fills them once
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBackwardThreads, smem));
-  const int64_t blocks =
-      std::min<int64_t>(tiles, props->multiProcessorCount * std::max(per_sm, 1));
-  kernel<<<static_cast<unsigned>(blocks), kBackwardThreads, smem,
+  const BackwardPlan plan = plan_backward({S, M, N, C, sizeof(acc_t)},
+                                          kernel_info(reinterpret_cast<const void*>(kernel)),
+                                          device_limits());
+  TORCH_CHECK(plan.error.empty(), plan.error);
+  p.lanes = plan.lanes;
+  p.tile_rows = plan.tile_rows;
+  p.stage_table = plan.stage_table;
+  p.off_labels = plan.off_labels;
+  p.off_tile = plan.off_tile;
+  p.out = grad_input.data_ptr<scalar_t>();
+  kernel<<<static_cast<unsigned>(plan.blocks), plan.threads, plan.smem,
            at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

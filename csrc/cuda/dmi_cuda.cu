@@ -9,14 +9,80 @@
 // raises the CPU op's error; with validate=False nothing is read, and a bad label gives a NaN loss
 // for its matrix, as on the CPU.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../dmi.h"
 #include "dmi_cuda.h"
 
 namespace dmi_ext::cuda {
+
+namespace {
+
+std::mutex limits_mutex;
+std::map<int, DeviceLimits> limits_by_device;
+std::map<std::pair<int, const void*>, KernelInfo> info_by_kernel;
+
+int current_device() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+DeviceLimits limits_of(int device) {  // holds limits_mutex
+  auto it = limits_by_device.find(device);
+  if (it != limits_by_device.end()) return it->second;
+  const cudaDeviceProp* p = at::cuda::getDeviceProperties(device);
+  DeviceLimits d;
+  d.multiprocessors = p->multiProcessorCount;
+  d.max_threads_per_block = p->maxThreadsPerBlock;
+  d.max_grid_x = p->maxGridSize[0];
+  d.max_grid_yz = std::min(p->maxGridSize[1], p->maxGridSize[2]);
+  d.smem_per_block = p->sharedMemPerBlock;
+  d.smem_per_block_optin = std::max(p->sharedMemPerBlockOptin, p->sharedMemPerBlock);
+  d.smem_per_multiprocessor = p->sharedMemPerMultiprocessor;
+  d.reserved_smem_per_block = p->reservedSharedMemPerBlock;
+  d.max_threads_per_multiprocessor = p->maxThreadsPerMultiProcessor;
+  d.max_blocks_per_multiprocessor = p->maxBlocksPerMultiProcessor;
+  d.registers_per_multiprocessor = p->regsPerMultiprocessor;
+  limits_by_device.emplace(device, d);
+  return d;
+}
+
+}  // namespace
+
+DeviceLimits device_limits() {
+  const int device = current_device();
+  const std::lock_guard<std::mutex> lock(limits_mutex);
+  return limits_of(device);
+}
+
+KernelInfo kernel_info(const void* kernel) {
+  const int device = current_device();
+  const std::lock_guard<std::mutex> lock(limits_mutex);
+  const auto key = std::make_pair(device, kernel);
+  auto it = info_by_kernel.find(key);
+  if (it != info_by_kernel.end()) return it->second;
+  cudaFuncAttributes a{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&a, kernel));
+  KernelInfo k;
+  k.static_smem = a.sharedSizeBytes;
+  k.registers = a.numRegs;
+  k.max_threads = a.maxThreadsPerBlock;
+  const DeviceLimits d = limits_of(device);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(max_dynamic_smem(k, d))));
+  info_by_kernel.emplace(key, k);
+  return k;
+}
 
 void check_validate_allowed(bool validate) {
   TORCH_CHECK_VALUE(!validate || at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None,

@@ -6,8 +6,18 @@
 #include <ATen/core/Tensor.h>
 
 #include "../dmi.h"
+#include "launch_plan.h"
 
 namespace dmi_ext::cuda {
+
+// The current device's limits, read once per device.
+DeviceLimits device_limits();
+
+// A kernel's limits on the current device (cudaFuncGetAttributes), read once per device and
+// kernel; that first call also raises the kernel's dynamic shared memory attribute to the most the
+// device allows next to its static shared memory (launch_plan.h). Thread-safe; the attribute is
+// never lowered, so a plan made from these limits launches whatever ran before, on any thread.
+KernelInfo kernel_info(const void* kernel);
 
 struct ForwardOptions {
   bool fused;  // stage 2 (LU, loss, grad table) in the same launch; needs C <= kFusedMaxClasses

@@ -30,19 +30,12 @@
 #include "../dmi.h"
 #include "../dmi_math.h"
 #include "dmi_cuda.h"
+#include "launch_plan.h"
 #include "lu_cuda.cuh"
 #include "tiles_cuda.cuh"
 
 namespace dmi_ext::cuda {
 namespace {
-
-// Shared memory the private accumulators may take; above it they go to the workspace.
-constexpr size_t kAccumulatorBudget = 96 * 1024;
-// Fewest rows a block is given: below it a block's fixed costs dominate.
-constexpr int64_t kMinRowsPerBlock = 256;
-// Bytes of per-block partials the last block of a slice reads: bounds the serial tail.
-constexpr size_t kFusedReduceBytes = 512 * 1024;
-constexpr size_t kJointReduceBytes = 16 * 1024 * 1024;
 
 // Stage 2 of the joint op (and of the library path): write the sums, no LU.
 struct JointOnly {
@@ -281,67 +274,6 @@ __global__ void __launch_bounds__(Stage2::kThreads)
   }
 }
 
-// The launch geometry of one call.
-struct Plan {
-  int threads;
-  int64_t chunks;
-  int groups;
-  bool acc_in_shared;
-  int tile_rows, lanes;
-  size_t off_count, off_poison, off_labels, off_tile, smem;
-};
-
-// blocks_per_sm(smem): how many blocks of the kernel fit on one multiprocessor (registers,
-// threads and shared memory: the CUDA occupancy calculator).
-template <typename BlocksPerSM>
-Plan plan_forward(const Layout& L, int threads, size_t acc_size, bool fused,
-                  const BlocksPerSM& blocks_per_sm) {
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  const int64_t S = L.slices, M = L.sources, N = L.rows, C = L.classes;
-  const size_t matrices_bytes = static_cast<size_t>(M * C * C) * sizeof(double);
-  Plan plan{};
-  plan.threads = threads;
-  plan.lanes = lanes_per_row(static_cast<int>(C));
-  const int64_t groups_by_threads = C <= threads ? threads / C : 1;
-  const int64_t groups_by_memory = static_cast<int64_t>(kAccumulatorBudget / matrices_bytes);
-  plan.acc_in_shared = groups_by_memory >= 1;
-  plan.groups = static_cast<int>(plan.acc_in_shared ? std::min(groups_by_threads, groups_by_memory) : 1);
-
-  const int64_t label_rows = std::max<int64_t>(1, static_cast<int64_t>(kLabelBudget / (sizeof(int) * M)));
-  auto layout_smem = [&](int rows) {
-    plan.tile_rows = rows;
-    size_t off = plan.acc_in_shared ? align16(plan.groups * matrices_bytes) : 0;
-    plan.off_count = off;
-    off += align16(static_cast<size_t>(plan.groups * M) * sizeof(int64_t));
-    plan.off_poison = off;
-    off += align16(static_cast<size_t>(M) * sizeof(int));
-    plan.off_labels = off;
-    off += align16(static_cast<size_t>(M * rows) * sizeof(int));
-    plan.off_tile = off;
-    off += align16(static_cast<size_t>(rows * C) * acc_size);
-    const size_t stage = fused ? static_cast<size_t>(C * C) * sizeof(double) : 0;
-    plan.smem = std::max(off, stage);
-  };
-  layout_smem(static_cast<int>(std::min<int64_t>(tile_rows(C, N), label_rows)));
-
-  const int64_t per_sm = std::max<int64_t>(1, blocks_per_sm(plan.smem));
-  const int64_t by_occupancy = std::max<int64_t>(1, props->multiProcessorCount * per_sm / S);
-  const int64_t by_rows = std::max<int64_t>(1, N / kMinRowsPerBlock);
-  const int64_t by_reduce = std::max<int64_t>(
-      1, static_cast<int64_t>((fused ? kFusedReduceBytes : kJointReduceBytes) / matrices_bytes));
-  plan.chunks = std::min({by_occupancy, by_rows, by_reduce});
-  // Shorter chunks need no larger tiles than their rows.
-  layout_smem(static_cast<int>(
-      std::min<int64_t>(tile_rows(C, ceil_div(N, plan.chunks)), label_rows)));
-  TORCH_CHECK(S * plan.chunks <= std::numeric_limits<int32_t>::max(),
-              "dmi_ext: too many matrices for one launch: ", S);
-  TORCH_CHECK(plan.smem <= static_cast<size_t>(props->sharedMemPerBlockOptin),
-              "dmi_ext: the forward kernel needs ", plan.smem,
-              " bytes of shared memory for C = ", C, " and M = ", M, "; the device allows ",
-              props->sharedMemPerBlockOptin);
-  return plan;
-}
-
 template <typename scalar_t, typename index_t, class Stage2>
 ForwardOutputs launch(const at::Tensor& input, const at::Tensor& target, const Layout& L,
                       const ForwardOptions& o) {
@@ -349,15 +281,10 @@ ForwardOutputs launch(const at::Tensor& input, const at::Tensor& target, const L
   using loss_t = loss_type<scalar_t>;
   const int64_t S = L.slices, M = L.sources, G = L.matrices(), C = L.classes, CC = C * C;
   auto kernel = forward_kernel<scalar_t, index_t, Stage2>;
-  const Plan plan = plan_forward(L, Stage2::kThreads, sizeof(acc_t), Stage2::kFused, [&](size_t smem) {
-    int blocks = 0;
-    if (smem > 48 * 1024) {  // the calculator counts no block that could not be launched
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, Stage2::kThreads, smem));
-    return blocks;
-  });
+  const ForwardPlan plan =
+      plan_forward({S, M, L.rows, C, sizeof(acc_t), Stage2::kFused}, Stage2::kThreads,
+                   kernel_info(reinterpret_cast<const void*>(kernel)), device_limits());
+  TORCH_CHECK(plan.error.empty(), plan.error);
   const int64_t K = plan.chunks;
   const bool publish = K > 1 || (Stage2::kFused && M > 1);
   const bool acc_is_output = !Stage2::kFused && K == 1 && !plan.acc_in_shared;
@@ -432,11 +359,7 @@ ForwardOutputs launch(const at::Tensor& input, const at::Tensor& target, const L
     p.counts = out.counts.data_ptr<int64_t>();
   }
 
-  if (plan.smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(plan.smem)));
-  }
-  kernel<<<static_cast<unsigned>(S * K), plan.threads, plan.smem, stream>>>(p);
+  kernel<<<static_cast<unsigned>(plan.blocks), plan.threads, plan.smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -14,6 +14,7 @@
 #include "../dmi.h"
 #include "../dmi_math.h"
 #include "dmi_cuda.h"
+#include "launch_plan.h"
 #include "lu_cuda.cuh"
 #include "tiles_cuda.cuh"
 
@@ -44,47 +45,103 @@ template <class Layout>
 void launch_lu_loss(const at::Tensor& sums, const at::Tensor& counts, bool normalize, double eps,
                     at::Tensor& loss, at::Tensor& lad, at::Tensor& singular, at::Tensor& table) {
   const int64_t G = sums.size(0), C = sums.size(1);
-  const size_t smem = static_cast<size_t>(C * C) * sizeof(double);
   auto kernel = lu_loss_kernel<Layout>;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
-  kernel<<<static_cast<unsigned>(G), Layout::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+  const LuPlan plan = plan_lu(G, C, Layout::kThreads,
+                              kernel_info(reinterpret_cast<const void*>(kernel)), device_limits());
+  TORCH_CHECK(plan.error.empty(), plan.error);
+  kernel<<<static_cast<unsigned>(plan.blocks), plan.threads, plan.smem,
+           at::cuda::getCurrentCUDAStream()>>>(
       sums.const_data_ptr<double>(), counts.const_data_ptr<int64_t>(), static_cast<int>(C),
       normalize, log_eps_of(eps), loss.data_ptr<double>(), lad.data_ptr<double>(),
       singular.data_ptr<bool>(), table.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-constexpr int kFinishThreads = 256;
-constexpr int kFinishEntriesPerBlock = 8192;
+constexpr int kEquilibrateThreads = 256;
 
-// Grid (chunks of C*C entries, G). Every block of a matrix computes its log|det| from the
-// diagonal of the LU factors (the same fixed-order sum in each), writes its chunk of the table,
-// and the first block writes the per-matrix outputs. info > 0: an exactly zero pivot (singular).
+// The singular rule's equilibration (dmi_math.h) before ATen's LU, one block per matrix, as
+// lu_cpu.cpp's lu_loss_lapack does it: A = s * sums with each row divided by the power of two that
+// puts its largest |entry| in [1, 2), then each column of the result likewise. exponents[g] holds
+// the row exponents, the column exponents and their total (2C + 1 ints).
+__global__ void __launch_bounds__(kEquilibrateThreads)
+    equilibrate_kernel(const double* __restrict__ sums, const int64_t* __restrict__ counts,
+                       bool normalize, int C, double* A, int* exponents) {
+  const int64_t g = blockIdx.x, CC = static_cast<int64_t>(C) * C;
+  const double s = joint_scale(counts[g], normalize);
+  const double* u = sums + g * CC;
+  double* a = A + g * CC;
+  int* e = exponents + g * (2 * C + 1);
+  for (int t = threadIdx.x; t < C; t += blockDim.x) {
+    double m = 0.0;
+    for (int k = 0; k < C; ++k) {
+      const double v = fabs(s * u[t * C + k]);
+      m = v > m ? v : m;
+    }
+    const int r = scale_exponent(m);
+    e[t] = r;
+    for (int k = 0; k < C; ++k) a[t * C + k] = times_pow2(s * u[t * C + k], -r);
+  }
+  __syncthreads();  // the row-scaled A, written by other threads of the block
+  for (int k = threadIdx.x; k < C; k += blockDim.x) {
+    double m = 0.0;
+    for (int t = 0; t < C; ++t) {
+      const double v = fabs(a[t * C + k]);
+      m = v > m ? v : m;
+    }
+    const int c = scale_exponent(m);
+    e[C + k] = c;
+    if (c != 0) {
+      for (int t = 0; t < C; ++t) a[t * C + k] = times_pow2(a[t * C + k], -c);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int total = 0;
+    for (int i = 0; i < 2 * C; ++i) total += e[i];
+    e[2 * C] = total;
+  }
+}
+
+// chunks_per_matrix blocks per matrix, all in gridDim.x. Every block of a matrix decides its
+// singular flag and log|det| from the diagonal of the LU factors of the equilibrated A (the same
+// fixed-order sums in each), writes its chunk of the table with the equilibration undone, and the
+// first block writes the per-matrix outputs. info > 0 (an exactly zero pivot) or a pivot with
+// |pivot| <= pivot_tolerance(C): singular, the CPU's rule.
 __global__ void __launch_bounds__(kFinishThreads)
     lu_finish_kernel(const double* __restrict__ lu, const int* __restrict__ info,
-                     const double* __restrict__ inverse_t, const double* __restrict__ scale,
-                     int C, double log_eps, double* loss, double* logabsdet, bool* singular,
-                     double* table) {
-  __shared__ double block_lad;
+                     const double* __restrict__ inverse_t, const int64_t* __restrict__ counts,
+                     const int* __restrict__ exponents, bool normalize, int C,
+                     int64_t chunks_per_matrix, double log_eps, double* loss, double* logabsdet,
+                     bool* singular, double* table) {
+  __shared__ double block_lad, block_small;
   const int tid = threadIdx.x;
-  const int64_t g = blockIdx.y, CC = static_cast<int64_t>(C) * C;
-  double s = 0.0;
-  for (int k = tid; k < C; k += kFinishThreads) s += log(fabs(lu[g * CC + static_cast<int64_t>(k) * (C + 1)]));
+  const int64_t g = blockIdx.x / chunks_per_matrix, chunk = blockIdx.x % chunks_per_matrix;
+  const int64_t CC = static_cast<int64_t>(C) * C;
+  const double tolerance = pivot_tolerance(C);
+  double s = 0.0, small = 0.0;
+  for (int k = tid; k < C; k += kFinishThreads) {
+    const double d = fabs(lu[g * CC + static_cast<int64_t>(k) * (C + 1)]);
+    s += log(d);
+    small += d <= tolerance ? 1.0 : 0.0;
+  }
   const double total = block_sum(s);
   if (tid == 0) block_lad = total;
   __syncthreads();
-  const bool is_singular = info[g] > 0;
-  const double lad = is_singular ? -INFINITY : block_lad;
-  const double f = is_singular ? 0.0 : -det_weight(lad, log_eps) * scale[g];
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kFinishEntriesPerBlock;
+  const double smalls = block_sum(small);
+  if (tid == 0) block_small = smalls;
+  __syncthreads();
+  const int* e = exponents + g * (2 * C + 1);
+  const bool is_singular = info[g] > 0 || block_small > 0.0;
+  const double lad = is_singular ? -INFINITY : block_lad + e[2 * C] * kLn2;
+  const double f = is_singular ? 0.0 : -det_weight(lad, log_eps) * joint_scale(counts[g], normalize);
+  const int64_t begin = chunk * kFinishEntriesPerBlock;
   const int64_t end = std::min<int64_t>(begin + kFinishEntriesPerBlock, CC);
-  for (int64_t e = begin + tid; e < end; e += kFinishThreads) {
-    table[g * CC + e] = is_singular ? 0.0 : f * inverse_t[g * CC + e];
+  for (int64_t q = begin + tid; q < end; q += kFinishThreads) {
+    const int t = static_cast<int>(q / C), k = static_cast<int>(q - static_cast<int64_t>(t) * C);
+    table[g * CC + q] =
+        is_singular ? 0.0 : f * times_pow2(inverse_t[g * CC + q], -(e[C + k] + e[t]));
   }
-  if (blockIdx.x == 0 && tid == 0) {
+  if (chunk == 0 && tid == 0) {
     loss[g] = loss_from_logabsdet(lad, log_eps);
     logabsdet[g] = lad;
     singular[g] = is_singular;
@@ -97,10 +154,16 @@ LossOutputs lu_loss_library(const at::Tensor& sums, const at::Tensor& counts, bo
                             double eps) {
   const int64_t G = sums.size(0), C = sums.size(1);
   const auto opts = sums.options();
-  const at::Tensor n = counts.to(at::kDouble);
-  const at::Tensor scale =
-      normalize ? at::where(counts > 0, at::reciprocal(n), 0.0) : at::ones({G}, opts);
-  const at::Tensor A = sums * scale.view({G, 1, 1});
+  const FinishPlan plan = plan_finish(G, C, device_limits());
+  TORCH_CHECK(plan.error.empty(), plan.error);
+  TORCH_CHECK(G <= device_limits().max_grid_x, "dmi_ext: ", G, " matrices exceed one launch's grid");
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor A = at::empty({G, C, C}, opts);
+  const at::Tensor exponents = at::empty({G, 2 * C + 1}, opts.dtype(at::kInt));
+  equilibrate_kernel<<<static_cast<unsigned>(G), kEquilibrateThreads, 0, stream>>>(
+      sums.const_data_ptr<double>(), counts.const_data_ptr<int64_t>(), normalize,
+      static_cast<int>(C), A.data_ptr<double>(), exponents.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto [LU, pivots, info] = at::linalg_lu_factor_ex(A, /*pivot=*/true, /*check_errors=*/false);
   const at::Tensor eye = at::eye(C, opts).expand({G, C, C});
   const at::Tensor inverse_t =
@@ -111,13 +174,11 @@ LossOutputs lu_loss_library(const at::Tensor& sums, const at::Tensor& counts, bo
   at::Tensor lad = at::empty({G}, opts);
   at::Tensor singular = at::empty({G}, opts.dtype(at::kBool));
   at::Tensor table = at::empty({G, C, C}, opts);
-  const dim3 grid(static_cast<unsigned>(ceil_div(C * C, kFinishEntriesPerBlock)),
-                  static_cast<unsigned>(G));
-  lu_finish_kernel<<<grid, kFinishThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  lu_finish_kernel<<<static_cast<unsigned>(plan.blocks), kFinishThreads, 0, stream>>>(
       lu.const_data_ptr<double>(), inf.const_data_ptr<int>(), inverse_t.const_data_ptr<double>(),
-      scale.contiguous().const_data_ptr<double>(), static_cast<int>(C), log_eps_of(eps),
-      loss.data_ptr<double>(), lad.data_ptr<double>(), singular.data_ptr<bool>(),
-      table.data_ptr<double>());
+      counts.const_data_ptr<int64_t>(), exponents.const_data_ptr<int>(), normalize,
+      static_cast<int>(C), plan.chunks_per_matrix, log_eps_of(eps), loss.data_ptr<double>(),
+      lad.data_ptr<double>(), singular.data_ptr<bool>(), table.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, lad, singular, table};
 }

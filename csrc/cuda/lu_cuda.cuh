@@ -5,9 +5,11 @@
 // the largest |U[p, k]| among the rows not yet pivoted (exactly the pivot and the pivot value of
 // LU with partial pivoting, since the rows not yet pivoted hold LU's Schur complement, updated
 // with LU's own formula), and also eliminates above the pivot, so after C steps the matrix holds
-// the inverse, permuted, with no triangular solves. log|det U| = sum log|pivot| (SPEC §3), and an
-// exactly zero pivot means U is singular (SPEC §5). A NaN entry wins the pivot search, so a NaN in
-// U gives a NaN log|det|, never a spurious "singular".
+// the inverse, permuted, with no triangular solves. log|det U| = sum log|pivot| (SPEC §3). U is
+// first equilibrated by powers of two and a pivot with |pivot| <= pivot_tolerance(C) means U is
+// singular: the singular rule of csrc/dmi_math.h, the CPU op's and the reference's (SPEC §5). A
+// NaN entry wins the pivot search, so a NaN in U gives a NaN log|det|, never a spurious
+// "singular".
 //
 // The matrix lives in registers: thread (ty, tx) of a TY x TX grid holds rows ty + TY*i and
 // columns tx + TX*j. A step publishes the pivot column and the pivot row through shared memory
@@ -46,6 +48,8 @@ struct InverseShared {
   double row[2][kFusedMaxClasses];  // pivot row of step k
   int pivot_row[kFusedMaxClasses];  // p_k: the row pivoted at step k
   int step_of_row[kFusedMaxClasses];  // its inverse: the step at which row r was pivoted
+  int row_exponent[kFusedMaxClasses];  // the singular rule's equilibration: rows by 2^r[t]
+  int col_exponent[kFusedMaxClasses];  // then columns by 2^c[k]
   double logabsdet;
   int singular;
 };
@@ -96,6 +100,59 @@ __device__ InverseResult invert_matrix(const MatrixSource& source, int C, double
       if (r < C && c < C) a[i][j] = poisoned ? nan : scale * source.entry(r * C + c);
     }
   }
+  // The equilibration of the singular rule (dmi_math.h), as lu_cpu.cpp does it: each row divided
+  // by the power of two that puts its largest |entry| in [1, 2), then each column of the result
+  // likewise. Through `stage`, once every thread has read the source.
+  __syncthreads();
+  auto publish = [&] {
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int r = ty + TY * i, c = tx + TX * j;
+        if (r < C && c < C) stage[r * C + c] = a[i][j];
+      }
+    }
+    __syncthreads();
+  };
+  publish();
+  for (int t = tid; t < C; t += blockDim.x) {
+    double m = 0.0;
+    for (int k = 0; k < C; ++k) {
+      const double v = fabs(stage[t * C + k]);
+      m = v > m ? v : m;
+    }
+    sh.row_exponent[t] = scale_exponent(m);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    const int r = ty + TY * i;
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      if (r < C) a[i][j] = times_pow2(a[i][j], -sh.row_exponent[r]);
+    }
+  }
+  publish();
+  for (int k = tid; k < C; k += blockDim.x) {
+    double m = 0.0;
+    for (int t = 0; t < C; ++t) {
+      const double v = fabs(stage[t * C + k]);
+      m = v > m ? v : m;
+    }
+    sh.col_exponent[k] = scale_exponent(m);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    const int c = tx + TX * j;
+    const int e = c < C ? sh.col_exponent[c] : 0;
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      if (e != 0) a[i][j] = times_pow2(a[i][j], -e);
+    }
+  }
+  const double tolerance = pivot_tolerance(C);
 
   unsigned pivoted = 0;  // bit m: row lane + 32 m has been pivoted (rows as the search sees them)
   double logabsdet = 0.0;  // summed by thread 0, in step order like the CPU
@@ -143,17 +200,18 @@ __device__ InverseResult invert_matrix(const MatrixSource& source, int C, double
     }
     const int p = best_row;
     const double pivot = col[p];
-    if (pivot == 0.0) {  // every candidate is exactly zero: U is singular
+    if (fabs(pivot) <= tolerance) {  // the singular rule (NaN passes: it reaches the loss)
       singular = true;
       break;
     }
+    const double inv = 1.0 / pivot;  // the one division of the step
     if ((p & 31) == lane) pivoted |= 1u << (p >> 5);
     if (tid == 0) {
       sh.pivot_row[k] = p;
       sh.step_of_row[p] = k;
       logabsdet += log(fabs(pivot));
     }
-    // 3. The owners of row p publish it (before their update below).
+    // 3. The owners of row p publish it divided by the pivot (before their update below).
     if (ty == p % TY) {
       const int ip = p / TY;
 #pragma unroll
@@ -162,34 +220,37 @@ __device__ InverseResult invert_matrix(const MatrixSource& source, int C, double
 #pragma unroll
         for (int i = 0; i < RPT; ++i) v = i == ip ? a[i][j] : v;
         const int c = tx + TX * j;
-        if (c < C) row[c] = v;
+        if (c < C) row[c] = v * inv;
       }
     }
     __syncthreads();
-    // 4. Eliminate column k from every row but p, scale row p. Rows not yet pivoted get exactly
-    // LU's update A[r, c] -= (A[r, k] / pivot) * A[p, c]. The pivot row is re-read from shared
-    // memory (a broadcast) rather than held in registers: the 128-class layout needs them all.
+    // 4. Eliminate column k from every row but p, scale row p: the row operations of lu_cpu.cpp
+    // (pivot row times 1/pivot, 1/pivot in column k; row r minus A[r, k] times the scaled pivot
+    // row, -A[r, k]/pivot in column k). The pivot row is re-read from shared memory (a broadcast)
+    // rather than held in registers: the 128-class layout needs them all.
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
       const int r = ty + TY * i;
       if (r >= C) continue;
-      const double mult = col[r] / pivot;
+      const double f = col[r];
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int c = tx + TX * j;
         if (c >= C) continue;
         const double pivot_row_c = row[c];
         if (r == p) {
-          a[i][j] = c == k ? 1.0 / pivot : pivot_row_c / pivot;
+          a[i][j] = c == k ? inv : pivot_row_c;
         } else {
-          a[i][j] = c == k ? -mult : a[i][j] - mult * pivot_row_c;
+          a[i][j] = c == k ? -f * inv : a[i][j] - f * pivot_row_c;
         }
       }
     }
   }
   if (tid == 0) {
     sh.singular = singular;
-    sh.logabsdet = singular ? -INFINITY : logabsdet;
+    int exponents = 0;
+    for (int t = 0; t < C; ++t) exponents += sh.row_exponent[t] + sh.col_exponent[t];
+    sh.logabsdet = singular ? -INFINITY : logabsdet + exponents * kLn2;
   }
   __syncthreads();
   const InverseResult result{sh.logabsdet, sh.singular != 0};
@@ -209,7 +270,11 @@ __device__ InverseResult invert_matrix(const MatrixSource& source, int C, double
     }
     __syncthreads();
     const double f = -det_weight(result.logabsdet, log_eps) * scale;
-    for (int e = tid; e < C * C; e += blockDim.x) table[e] = f * stage[e];
+    // U^-1[k][t] = A^-1[k][t] / 2^(c[k] + r[t]) undoes the equilibration.
+    for (int e = tid; e < C * C; e += blockDim.x) {
+      const int t = e / C, k = e - t * C;
+      table[e] = f * times_pow2(stage[e], -(sh.col_exponent[k] + sh.row_exponent[t]));
+    }
   }
   __syncthreads();
   return result;

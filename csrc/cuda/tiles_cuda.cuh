@@ -15,37 +15,12 @@
 #include <cmath>
 #include <cstdint>
 
+#include "launch_plan.h"
+
 namespace dmi_ext::cuda {
 
 constexpr int kIgnoredLabel = -1;     // target == ignore_index: the row is left out
 constexpr int kOutOfRangeLabel = -2;  // target outside [0, C) and not ignore_index
-
-// A tile holds about this many elements (16 KB of float), and at most kMaxTileRows rows.
-constexpr int kTileElements = 4096;
-constexpr int kMaxTileRows = 1024;
-
-// Bytes of shared memory for the label codes of a tile, all label sources together: bounds the
-// tile's rows when there are many sources.
-constexpr size_t kLabelBudget = 16 * 1024;
-
-inline int tile_rows(int64_t C, int64_t rows_needed) {
-  int64_t r = kTileElements / C;
-  r = r < 1 ? 1 : (r > kMaxTileRows ? kMaxTileRows : r);
-  return static_cast<int>(r < rows_needed ? r : (rows_needed < 1 ? 1 : rows_needed));
-}
-
-// Lanes that share one row: a power of two up to a warp, about four columns per lane, so small C
-// keeps most lanes busy and no lane holds a long row.
-C10_HOST_DEVICE inline int lanes_per_row(int C) {
-  const int want = (C + 3) / 4;
-  int lanes = 1;
-  while (lanes < want && lanes < 32) lanes *= 2;
-  return lanes;
-}
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
 // The first error of each kind, as the smallest flat position: slot = max over writers of ~key,
 // 0 meaning none. Integer atomicMax gives the same final value in any order.
