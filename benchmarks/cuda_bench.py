@@ -1,4 +1,4 @@
-"""GPU speed of dmi_ext against SPEC §8, forward + backward, measured with CUDA events.
+"""GPU speed of dmi_ext against docs/contract.md §8, forward + backward, measured with CUDA events.
 
 For each shape it times, side by side in one process, dmi_ext.dmi_loss and "native" (softmax ->
 one_hot -> matmul -> slogdet with autograd, float32, the composition a user would write; batched
@@ -8,7 +8,7 @@ several input sets so that repeated runs do not just hit the L2 cache. The bandw
 again and writes the gradient) over the device's measured copy bandwidth (a large device-to-device
 copy, bytes read + written).
 
-Prints a table (ratios against the SPEC §8 targets) and writes JSON with the device name and
+Prints a table (ratios against the docs/contract.md §8 targets) and writes JSON with the device name and
 torch version: $OUT/cuda_bench.json, or benchmarks/results/cuda_bench.json when OUT is unset.
 """
 
@@ -109,7 +109,7 @@ def main():
     print(f"{meta['device']}  torch {meta['torch']}  copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
 
     rows = []
-    # SPEC §8: >= 10x native at N <= 4096, C <= 100 (single matrix).
+    # docs/contract.md §8: >= 10x native at N <= 4096, C <= 100 (single matrix).
     for N in (128, 1024, 4096):
         for C in (10, 100):
             inputs = make_inputs((), N, C, sets=4)
@@ -120,7 +120,7 @@ def main():
                          "ours_validated_ms": ours_v, "native_ms": native,
                          "speedup": native / ours, "pass": native / ours >= 10})
             print(rows[-1], flush=True)
-    # SPEC §8: >= 10x native batched slogdet at B = 1024, N = 128.
+    # docs/contract.md §8: >= 10x native batched slogdet at B = 1024, N = 128.
     for C in (10, 100):
         inputs = make_inputs((1024,), 128, C, sets=sets_beyond_l2(1024 * 128 * C * 12))
         ours, _ = time_ms(ours_fwd_bwd, inputs, 10, args.runs)
@@ -128,7 +128,7 @@ def main():
         rows.append({"case": f"B=1024 N=128 C={C}", "target": "speedup>=10", "ours_ms": ours,
                      "native_ms": native, "speedup": native / ours, "pass": native / ours >= 10})
         print(rows[-1], flush=True)
-    # SPEC §8: >= 80% of the measured copy bandwidth at N = 4e6, C = 10 (bytes read + written).
+    # docs/contract.md §8: >= 80% of the measured copy bandwidth at N = 4e6, C = 10 (bytes read + written).
     N, C = 4_000_000, 10
     inputs = make_inputs((), N, C, sets=sets_beyond_l2(N * C * 4))
     x_bytes, y_bytes = N * C * 4, N * 8

@@ -1,5 +1,5 @@
-// Shared declarations of the dmi_ext op library: the shape contract of SPEC §2, the argument
-// checks of SPEC §7 and the names of the stage kernels that csrc/cpu/ and csrc/cuda/ implement.
+// Shared declarations of the dmi_ext op library: the shape contract of docs/contract.md §2, the argument
+// checks of docs/contract.md §7 and the names of the stage kernels that csrc/cpu/ and csrc/cuda/ implement.
 //
 // The data flow is input -> joint (accumulate U) -> lu (log|det U|, loss, grad table) ->
 // backward (gather one row of the grad table per input row). Every device implements the same
@@ -22,7 +22,7 @@ constexpr int64_t kReductionSum = 2;
 // handed to ATen's LU (LAPACK on CPU, cuSOLVER/MAGMA on CUDA).
 constexpr int64_t kFusedMaxClasses = 128;
 
-// How the rows of `input` and `target` map onto matrices (SPEC §2). Matrix g = slice * sources + j
+// How the rows of `input` and `target` map onto matrices (docs/contract.md §2). Matrix g = slice * sources + j
 // reads input slice `slice` and target row g:
 //   (N, C)    + (N,)    -> slices 1, sources 1, single   (one matrix, scalar outputs)
 //   (B, N, C) + (B, N)  -> slices B, sources 1           (B independent problems)
@@ -56,7 +56,7 @@ struct Strides {
 };
 Strides strides_of(const at::Tensor& input, const at::Tensor& target, const Layout& layout);
 
-// The value errors only a kernel can find (SPEC §7), worded once for every device: a label outside
+// The value errors only a kernel can find (docs/contract.md §7), worded once for every device: a label outside
 // [0, C) that is not ignore_index (IndexError), and a row of `input` that is not a probability
 // vector when from_logits is false (ValueError). `matrix` and `slice` index the Layout's matrices
 // and input slices; `row` is the row within them.

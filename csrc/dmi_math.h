@@ -1,4 +1,4 @@
-// The per-matrix scalar maths of SPEC §3-4, written once for the CPU and CUDA kernels alike:
+// The per-matrix scalar maths of docs/contract.md §3-4, written once for the CPU and CUDA kernels alike:
 // loss and gradient weight from log|det U|, and the scale each matrix's gradient gets from the
 // incoming gradient under a reduction. Everything here is float64 and branch-only, so a CUDA
 // thread and a CPU loop compute bitwise the same numbers.

@@ -1,5 +1,5 @@
 // Stage 3 on the CPU: one pass over the rows that reads input and target once and writes the
-// gradient once (SPEC §4). Row i gets g_i = sum over its matrices g of scale_g *
+// gradient once (docs/contract.md §4). Row i gets g_i = sum over its matrices g of scale_g *
 // grad_table[g][t_gi], then, from logits, the softmax backward p * (g - <g, p>) with p recomputed
 // from the logits.
 //

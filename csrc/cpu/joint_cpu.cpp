@@ -1,4 +1,4 @@
-// Stage 1 on the CPU: one pass over the input rows accumulates U_g[label, :] += P_i (SPEC §3).
+// Stage 1 on the CPU: one pass over the input rows accumulates U_g[label, :] += P_i (docs/contract.md §3).
 #include "joint_cpu.h"
 
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-// Stage 1 on the CPU: the joint matrices U (unnormalised) and kept-row counts of SPEC §3.
+// Stage 1 on the CPU: the joint matrices U (unnormalised) and kept-row counts of docs/contract.md §3.
 #pragma once
 
 #include <ATen/core/Tensor.h>

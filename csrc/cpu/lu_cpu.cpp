@@ -3,7 +3,7 @@
 // For C <= kFusedMaxClasses each matrix is inverted by the Gauss-Jordan code below, one matrix
 // per task (the batched small-matrix case, where a LAPACK call per 10 x 10 matrix costs more than
 // the maths); its pivots are those of the LU. Above it each matrix goes to ATen's LU (LAPACK) and
-// an LU solve, as SPEC §8 asks, one call per matrix (see lu_loss_lapack).
+// an LU solve, as docs/contract.md §8 asks, one call per matrix (see lu_loss_lapack).
 #include "lu_cpu.h"
 
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
 // Stage 2 on the CPU: from the joint sums, log|det U| by LU with partial pivoting in float64, the
-// loss, the singular flag and the grad table s * dL/dU = -w s U^{-T} of SPEC §4-5.
+// loss, the singular flag and the grad table s * dL/dU = -w s U^{-T} of docs/contract.md §4-5.
 #pragma once
 
 #include <ATen/core/Tensor.h>

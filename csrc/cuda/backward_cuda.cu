@@ -1,6 +1,6 @@
 // Stage 3 on the GPU, one launch: every row reads its logits (or nothing, when the input holds
 // probabilities: their gradient does not depend on them) and its labels once, and its gradient is
-// written once, in the input's dtype (SPEC §4). Row i gets g_i = sum over its matrices of
+// written once, in the input's dtype (docs/contract.md §4). Row i gets g_i = sum over its matrices of
 // scale_g * grad_table[g][t_gi], then, from logits, p_i * (g_i - <g_i, p_i>) with p_i recomputed
 // by the forward's softmax. The scales come from grad_loss on the device (no host read).
 //

@@ -3,7 +3,7 @@
 // table; above the limit the same accumulation runs in joint mode and ATen's LU follows
 // (lu_cuda.cu). Neither path synchronises with the host.
 //
-// Validation that needs the host (SPEC §7): the kernels record the first out-of-range label and
+// Validation that needs the host (docs/contract.md §7): the kernels record the first out-of-range label and
 // the first row that is not a probability vector in a small device record. With validate=True the
 // host reads it after the launch (the one device-to-host synchronisation of the CUDA ops) and
 // raises the CPU op's error; with validate=False nothing is read, and a bad label gives a NaN loss

@@ -1,4 +1,4 @@
-// Stage 1 on the GPU, and the whole forward in one launch: the joint matrices U (SPEC §3)
+// Stage 1 on the GPU, and the whole forward in one launch: the joint matrices U (docs/contract.md §3)
 // accumulated from the input rows with the softmax fused, and for C <= kFusedMaxClasses the LU
 // stage of lu_cuda.cuh run by the same launch on the finished matrices.
 //
@@ -9,7 +9,7 @@
 // same entry and no atomics are needed. The accumulators sit in shared memory when they fit, else
 // in the block's own slice of the workspace. Rows are summed in a fixed order per thread, groups
 // in group order, blocks in block order (the last block of a slice to finish, found with a ticket
-// counter, sums the per-block partials): the result is bitwise reproducible (SPEC §6), and
+// counter, sums the per-block partials): the result is bitwise reproducible (docs/contract.md §6), and
 // float64 accumulation keeps its error from growing with N.
 //
 // The same launch then finishes each matrix of the slice: the joint sums and counts (the `joint`

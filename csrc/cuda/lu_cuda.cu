@@ -1,5 +1,5 @@
 // Stage 2 on the GPU as its own op (lu_loss): from joint sums and counts, log|det U|, the loss,
-// the singular flag and the grad table s * dL/dU = -w s U^{-T} of SPEC §4-5, per matrix, float64.
+// the singular flag and the grad table s * dL/dU = -w s U^{-T} of docs/contract.md §4-5, per matrix, float64.
 //
 // Up to kFusedMaxClasses one block per matrix runs the in-register Gauss-Jordan of lu_cuda.cuh
 // (the same code the fused forward runs). Above it the matrices go to ATen's batched LU

@@ -5,9 +5,9 @@
 // the largest |U[p, k]| among the rows not yet pivoted (exactly the pivot and the pivot value of
 // LU with partial pivoting, since the rows not yet pivoted hold LU's Schur complement, updated
 // with LU's own formula), and also eliminates above the pivot, so after C steps the matrix holds
-// the inverse, permuted, with no triangular solves. log|det U| = sum log|pivot| (SPEC §3). U is
+// the inverse, permuted, with no triangular solves. log|det U| = sum log|pivot| (docs/contract.md §3). U is
 // first equilibrated by powers of two and a pivot with |pivot| <= pivot_tolerance(C) means U is
-// singular: the singular rule of csrc/dmi_math.h, the CPU op's and the reference's (SPEC §5). A
+// singular: the singular rule of csrc/dmi_math.h, the CPU op's and the reference's (docs/contract.md §5). A
 // NaN entry wins the pivot search, so a NaN in U gives a NaN log|det|, never a spurious
 // "singular".
 //

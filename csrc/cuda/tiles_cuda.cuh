@@ -6,7 +6,7 @@
 // the same softmax.
 //
 // Reductions inside a row use xor-butterflies over a fixed group of lanes: every lane ends with
-// the same, bitwise reproducible value, and no atomics are involved (SPEC §6).
+// the same, bitwise reproducible value, and no atomics are involved (docs/contract.md §6).
 #pragma once
 
 #include <c10/macros/Macros.h>

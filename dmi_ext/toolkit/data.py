@@ -155,8 +155,9 @@ def _require_sklearn():
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        raise ImportError("the dmi_ext toolkit needs scikit-learn: pip install scikit-learn "
-                          "(or pip install 'dmi_ext[toolkit]')") from None
+        raise ImportError("the dmi_ext toolkit needs scikit-learn: pip install scikit-learn (or, in "
+                          "a dmi_ext checkout, pip install --no-build-isolation -e '.[toolkit]')"
+                          ) from None
 
 
 def load_builtin(name: str) -> Dataset:

@@ -231,7 +231,7 @@ def run_cases(library):
         ok = torch.equal(singular.reshape(singular_ref.shape), singular_ref)
         ok = ok and torch.equal(torch.isfinite(loss), torch.isfinite(loss_ref.detach()))
         ok = ok and torch.allclose(loss.double(), loss_ref.detach(), rtol=tol, atol=tol, equal_nan=True)
-        # Singular matrices: zero gradient (SPEC 5); the rest against the reference.
+        # Singular matrices: zero gradient (docs/contract.md §5); the rest against the reference.
         ok = ok and bool(torch.isfinite(grad).all())
         if not bool(finite.all()):
             _, _, grad_masked = loss_grad(x, y, up * finite.to(up.dtype), **kw)
