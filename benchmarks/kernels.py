@@ -218,7 +218,9 @@ def main(argv=None):
     if args.callgrind:
         print(callgrind(args.shapes))
         return
-    print(f"torch {torch.__version__}; wall-clock medians of interleaved rounds, per thread count; "
+    from benchmarks.report import omp_note
+
+    print(f"torch {torch.__version__}{omp_note()}; wall-clock medians of interleaved rounds, per thread count; "
           "ns per input element (N x C), us per call, and the ratio to cross-entropy "
           "forward + backward on the same logits\n")
     print(run(args.shapes, args.threads, args.budget))

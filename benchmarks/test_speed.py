@@ -121,6 +121,15 @@ def test_report_smoke_writes_section(tmp_path, capsys):
     assert len(data["training_step"]["rows"]) == 4
 
 
+def test_omp_note(monkeypatch):
+    from benchmarks import report
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert report.omp_note() == ""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert report.omp_note() == ", OMP_WAIT_POLICY=passive"
+
+
 def test_kernels_tiny_shape(capsys):
     from benchmarks import kernels
 
