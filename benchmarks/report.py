@@ -11,7 +11,10 @@ two floors, and the peak memory of forward + backward. Cross-entropy is `F.cross
 same logits and labels, the loss a user pays for anyway. The floors: one torch.softmax over the
 same input (the op cannot beat reading and exponentiating its input once), and
 `input.sum().backward()` (what any autograd op costs here before doing any work). Then the speed
-rows of the contract (docs/contract.md §8) that the grid covers, each with its verdict. It writes
+rows of the contract (docs/contract.md §8) that the grid covers, each with its verdict. Then (CPU)
+one training step of the toolkit's MLP and CNN on digits-shaped input, cross-entropy against
+L_DMI at the toolkit's batch sizes, with the issue's verdict (L_DMI within 1.1x of CE for the
+MLP); skipped when the toolkit's optional dependencies are missing. It writes
 JSON, markdown and a PNG plot (speed-up against N, one line per C) to benchmarks/results/, named
 after the machine.
 """
@@ -59,6 +62,15 @@ def machine_name(device: str) -> str:
             pass
         name = f"{name.strip()} {torch.get_num_threads()}t"
     return "-".join(name.lower().replace("(r)", "").replace("(tm)", "").split())
+
+
+def omp_note() -> str:
+    """The OpenMP wait policy when one is set. On a loaded machine it decides the multi-threaded
+    timings of PyTorch's own ops: spinning worker threads (the default) then compete with the
+    thread that has the work (once: torch.softmax of 128 x 10 on 2 threads 12 ms, 26 us with
+    OMP_WAIT_POLICY=passive)."""
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    return f", OMP_WAIT_POLICY={policy}" if policy else ""
 
 
 class Timer:
@@ -204,6 +216,123 @@ def run(shapes, device, budget_s):
     return rows
 
 
+# The training-step section: the toolkit's networks on digits-shaped input (8 x 8 images, 10
+# classes), one optimiser step with cross-entropy against one with L_DMI.
+STEP_SAMPLE_SHAPE = (8, 8)
+STEP_CLASSES = 10
+STEP_MODELS = ("mlp", "cnn")
+# The issue's acceptance (issue 23): L_DMI within 1.1x of cross-entropy for the MLP.
+STEP_BOUND = 1.1
+
+
+def toolkit_config():
+    """The toolkit's defaults (dmi_ext.toolkit.train.TrainConfig), or None when the toolkit's
+    optional dependencies (numpy, ...) are missing: the rest of the report runs without it."""
+    try:
+        from dmi_ext.toolkit.models import build_model
+        from dmi_ext.toolkit.train import TrainConfig
+    except ImportError as e:
+        print(f"  training-step section skipped: the toolkit does not import ({e})",
+              file=sys.stderr)
+        return None
+    return TrainConfig(), build_model
+
+
+def step_callables(model_name, config, build_model, seed=0):
+    """(loss, batch size) -> one training step as the toolkit runs it (zero_grad, forward, loss,
+    backward, Adam step), for cross-entropy at both of the toolkit's batch sizes and L_DMI at both:
+    --batch-size (CE's) and --dmi-batch-size (L_DMI's). Random data of digits' shape: the shapes
+    set the cost. Every class appears in every batch, so L_DMI is finite."""
+    import dmi_ext
+
+    fns = {}
+    for batch in sorted({config.batch_size, config.dmi_batch_size}):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, *STEP_SAMPLE_SHAPE, generator=g)
+        y = torch.randint(0, STEP_CLASSES, (batch,), generator=g)
+        y[:STEP_CLASSES] = torch.arange(STEP_CLASSES)
+        for loss_name, loss_fn, lr in (("cross-entropy", F.cross_entropy, config.ce_lr),
+                                       ("L_DMI", dmi_ext.dmi_loss, config.dmi_lr)):
+            torch.manual_seed(seed)
+            model = build_model(model_name, STEP_SAMPLE_SHAPE, STEP_CLASSES, config.hidden)
+            model.train()
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr,
+                                         weight_decay=config.weight_decay, foreach=True)
+
+            def step(model=model, optimizer=optimizer, loss_fn=loss_fn, x=x, y=y):
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+
+            fns[(loss_name, batch)] = step
+    return fns
+
+
+def run_steps(budget_s, models=STEP_MODELS):
+    """The training-step rows: per model, CE and L_DMI at each of the toolkit's batch sizes, all
+    four timed in one interleaved measurement. None when the toolkit does not import."""
+    found = toolkit_config()
+    if found is None:
+        return None
+    config, build_model = found
+    timer = Timer("cpu")
+    rows = []
+    for name in models:
+        fns = step_callables(name, config, build_model)
+        medians, rounds = measure({f"{loss} {batch}": fn for (loss, batch), fn in fns.items()},
+                                  timer, budget_s)
+        for batch in sorted({b for _, b in fns}):
+            rows.append({"model": name, "batch": batch, "rounds": rounds,
+                         "median_s": {"cross-entropy": medians[f"cross-entropy {batch}"],
+                                      "L_DMI": medians[f"L_DMI {batch}"]}})
+        print(f"  measured training step {name}", file=sys.stderr, flush=True)
+    return {"batch_size": config.batch_size, "dmi_batch_size": config.dmi_batch_size,
+            "hidden": config.hidden, "rows": rows}
+
+
+def step_table(steps):
+    lines = ["| model | batch | cross-entropy ms | L_DMI ms | L_DMI/CE |", "|---|---|---|---|---|"]
+    for r in steps["rows"]:
+        m = r["median_s"]
+        lines.append(f"| {r['model']} | {r['batch']} | {ms(m['cross-entropy'])} | "
+                     f"{ms(m['L_DMI'])} | **{m['L_DMI'] / m['cross-entropy']:.2f}** |")
+    return "\n".join(lines)
+
+
+def step_verdicts(steps):
+    """The issue's acceptance row for every MLP batch size, then, per model, what an epoch costs
+    per sample at the toolkit's own batch sizes (CE at --batch-size, L_DMI at --dmi-batch-size)."""
+    lines = []
+    for r in steps["rows"]:
+        if r["model"] != "mlp":
+            continue
+        got = r["median_s"]["L_DMI"] / r["median_s"]["cross-entropy"]
+        lines.append(f"- L_DMI within {STEP_BOUND}x of CE for the MLP: batch {r['batch']}, "
+                     f"L_DMI/CE = {got:.2f} -> "
+                     + ("met" if got <= STEP_BOUND else f"MISSED by {got / STEP_BOUND:.2f}x"))
+    ce_b, dmi_b = steps["batch_size"], steps["dmi_batch_size"]
+    for name in dict.fromkeys(r["model"] for r in steps["rows"]):
+        by_batch = {r["batch"]: r["median_s"] for r in steps["rows"] if r["model"] == name}
+        ce, dmi = by_batch[ce_b]["cross-entropy"] / ce_b, by_batch[dmi_b]["L_DMI"] / dmi_b
+        lines.append(f"- {name}, per sample at the toolkit's batch sizes (CE at {ce_b}, L_DMI at "
+                     f"{dmi_b}): CE {ce * 1e6:.2f} us, L_DMI {dmi * 1e6:.2f} us, "
+                     f"L_DMI/CE = {dmi / ce:.2f}")
+    return "\n".join(lines)
+
+
+def step_section(steps):
+    """The markdown of the training-step section."""
+    if steps is None:
+        return ["## One training step", "", "(skipped: the toolkit does not import)"]
+    return ["## One training step (zero_grad, forward, loss, backward, Adam)", "",
+            f"The toolkit's networks (hidden {steps['hidden']}) on digits-shaped input "
+            f"({STEP_SAMPLE_SHAPE[0]} x {STEP_SAMPLE_SHAPE[1]}, {STEP_CLASSES} classes, random "
+            f"data), at the toolkit's batch sizes: --batch-size {steps['batch_size']} (CE's), "
+            f"--dmi-batch-size {steps['dmi_batch_size']} (L_DMI's).", "",
+            step_table(steps), "", step_verdicts(steps)]
+
+
 def ms(seconds):
     return f"{seconds * 1e3:.3f}"
 
@@ -293,17 +422,20 @@ def main(argv=None):
     budget = args.budget if args.budget is not None else (0.2 if args.smoke else 2.0)
     machine = machine_name(args.device)
     title = (f"dmi_ext {args.device} report on {machine}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads")
+             f"{torch.get_num_threads()} threads{omp_note()}")
     print(title, file=sys.stderr)
     for shape in shapes:
         if shape.elements <= variants.AGREEMENT_MAX_ELEMENTS:
             variants.check_agreement(shape, args.device)
     rows = run(shapes, args.device, budget)
+    steps = run_steps(budget) if args.device == "cpu" else None
 
     text = [f"# {title}", "", "## Forward + backward (loss.backward())", "",
             table(rows, "forward+backward"), "", "## Forward alone (no_grad)", "",
             table(rows, "forward"), "", "## The contract's CPU rows (docs/contract.md §8)", "",
-            verdicts(rows) or "(none in grid)"]
+            verdicts(rows) or "(none in grid)", ""]
+    if args.device == "cpu":
+        text += step_section(steps)
     report = "\n".join(text)
     print(report)
     os.makedirs(args.out, exist_ok=True)
@@ -312,7 +444,9 @@ def main(argv=None):
     with open(stem + ".json", "w") as f:
         json.dump({"title": title, "machine": machine, "device": args.device,
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "python": platform.python_version(), "rows": rows}, f, indent=1)
+                   "python": platform.python_version(),
+                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rows": rows,
+                   "training_step": steps}, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(report + "\n")
     plot(rows, stem + ".png", title)
