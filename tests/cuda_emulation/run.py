@@ -373,7 +373,7 @@ def run_cases(library):
         yo = torch.arange(16 * C) % C
         loss, singular, grad = loss_grad(xo, yo, torch.tensor(1.0, dtype=torch.float64))
         want = ref.dmi_loss(xo, yo)
-        report(not bool(singular) and torch.allclose(loss, want, rtol=1e-12, atol=0)
+        report(not bool(singular) and torch.allclose(loss, want, rtol=1e-9, atol=0)
                and torch.equal(grad, torch.zeros_like(grad)),
                f"U^-1 beyond float64 (C={C}): exact loss, gradient 0, not singular")
     out = emu.lu_loss(torch.eye(3, dtype=torch.float64) * 5e-324, torch.tensor(1), False, 0.0)
