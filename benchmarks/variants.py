@@ -96,7 +96,7 @@ def full_grid():
 
 
 def quick_grid():
-    """The shapes of SPEC §8's CPU targets, plus one of each kind."""
+    """The shapes of the contract's CPU speed rows (docs/contract.md §8), plus one of each kind."""
     return [Shape(128, 10), Shape(1024, 10), Shape(8192, 10), Shape(8192, 100),
             Shape(128, 10, B=256), Shape(10**6, 10), Shape(8192, 10, M=8)]
 
