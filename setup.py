@@ -51,14 +51,6 @@ config = _load_build_config()
 TORCH_VERSION = torch.__version__.split("+")[0]  # the public release: 2.13.0+cpu -> 2.13.0
 
 
-def want_cuda() -> bool:
-    if os.environ.get("DMI_EXT_FORCE_CPU") == "1":
-        return False
-    if os.environ.get("DMI_EXT_FORCE_CUDA") == "1":
-        return True
-    return torch.version.cuda is not None and CUDA_HOME is not None
-
-
 class BuildExt(BuildExtension):
     """Writes _build_info.py beside each built library: which torch it was built against, read by
     the loader to explain an ABI mismatch (dmi_ext/_library.py). Beside the library, so a compile
@@ -93,7 +85,7 @@ def extension():
     openmp = config.openmp_supported(compiler)
     if not openmp:
         print(config.NO_OPENMP_WARNING, file=sys.stderr)
-    cuda = want_cuda()
+    cuda = config.want_cuda(torch.version.cuda, CUDA_HOME)
     debug = os.environ.get("DMI_EXT_DEBUG") == "1"
     cxx = config.cxx_flags(openmp, debug)
     link = config.link_flags(openmp)

@@ -122,11 +122,10 @@ def callables(shape, device):
         zg.sum().backward()
 
     C = z.shape[-1]
+    ce_target = y.reshape(-1)
     if y.dim() == 2 and z.dim() == 2:  # M label sources: cross-entropy against each of them
-        ce_target = y.reshape(-1)
         ce_input = lambda x: x.expand(y.shape[0], *x.shape).reshape(-1, C)  # noqa: E731
     else:
-        ce_target = y.reshape(-1)
         ce_input = lambda x: x.reshape(-1, C)  # noqa: E731
 
     def cross_entropy():

@@ -28,6 +28,17 @@ def sources(root: str, cuda: bool) -> list:
             for p in sorted(glob.glob(os.path.join(root, pattern)))]
 
 
+def want_cuda(torch_cuda, cuda_home) -> bool:
+    """Whether to compile csrc/cuda/ too: with a CUDA build of torch (``torch.version.cuda``) and
+    a CUDA toolkit (``CUDA_HOME``). DMI_EXT_FORCE_CPU=1 forces a CPU build, DMI_EXT_FORCE_CUDA=1 a
+    CUDA build (a compile check on a machine without a GPU)."""
+    if os.environ.get("DMI_EXT_FORCE_CPU") == "1":
+        return False
+    if os.environ.get("DMI_EXT_FORCE_CUDA") == "1":
+        return True
+    return torch_cuda is not None and cuda_home is not None
+
+
 def cxx_flags(openmp: bool, debug: bool = False) -> list:
     """Host compiler flags. -fopenmp makes at::parallel_for parallel (its loop is an OpenMP
     pragma in torch's headers); without it the op still works, on one thread."""

@@ -119,8 +119,7 @@ def jit_build():
     openmp = _build_config.openmp_supported(compiler)
     if not openmp:
         print(_build_config.NO_OPENMP_WARNING, file=sys.stderr)
-    cuda = (os.environ.get("DMI_EXT_FORCE_CPU") != "1" and torch.version.cuda is not None
-            and cpp_extension.CUDA_HOME is not None)
+    cuda = _build_config.want_cuda(torch.version.cuda, cpp_extension.CUDA_HOME)
     sources = [os.path.join(ROOT, s) for s in _build_config.sources(ROOT, cuda)]
     cflags = _build_config.cxx_flags(openmp)
     macro = [f"-D{_build_config.CUDA_MACRO}"] if cuda else []
