@@ -130,3 +130,20 @@ def test_too_few_samples_per_class_is_a_clear_error(tmp_path):
     data = load_dataset(str(path))
     with pytest.raises(ValueError, match=r"cannot split 5 samples.*smallest class has 1"):
         make_splits(data, np.eye(2), seed=0)
+
+
+def test_standardize_floor_keeps_nearly_constant_features_small(digits):
+    T = np.eye(10)
+    plain = make_splits(digits, T, seed=0, inputs="standardize")
+    floored = make_splits(digits, T, seed=0)  # the default
+    # A border pixel that is almost always blank: standardising blows its rare ink up to 33
+    # standard deviations (66 on the test part); with the floor no feature exceeds 13.
+    assert float(plain.train.x.abs().max()) > 20.0
+    assert float(floored.train.x.abs().max()) < 15.0
+    # Features with a real spread are standardised as before, and everything is centred.
+    spread = plain.feature_scale > 0.25 * np.sqrt(np.mean(np.where(
+        plain.feature_scale == 1.0, 0.0, plain.feature_scale) ** 2))
+    assert np.array_equal(floored.feature_scale[spread], plain.feature_scale[spread])
+    assert float(floored.train.x.mean(0).abs().max()) < 1e-4
+    with pytest.raises(ValueError, match="argument 'inputs' must be one of"):
+        make_splits(digits, T, seed=0, inputs="whiten")

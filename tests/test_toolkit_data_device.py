@@ -207,3 +207,70 @@ def test_auto_refuses_offsets_whose_T_hat_turns_the_classifier_around():
     assert not guarded.applied and (guarded.offsets == 0).all()
     scores, noisy, _ = binary_case3_scores()
     assert decision.choose_offsets(scores, noisy, positive_det=True).applied
+
+
+def test_the_threshold_rule_recovers_the_cut_from_noisy_labels_only():
+    scores, noisy, clean = binary_case3_scores()
+    assert (scores.argmax(1) == clean).mean() < 0.8
+    chosen = decision.choose_threshold(scores, noisy)
+    assert ((scores + chosen.offsets).argmax(1) == clean).mean() > 0.97
+    # The change point lands in the empty band between the classes; the Gaussian mixture, fitted
+    # to clusters that are uniform, cuts inside class 1, where the margins are dense: the rule
+    # keeps the change point.
+    assert -1.6 < chosen.change_point < -1.5 and chosen.mixture > 0.0
+    assert chosen.chosen == "change-point"
+
+
+def test_the_change_point_sits_where_the_label_rate_changes():
+    rng = np.random.default_rng(3)
+    m = np.sort(rng.uniform(-4, 4, 500))
+    clean = (m > 1.0).astype(int)
+    # Symmetric noise at 25 %: the noisy labels alone still change rate at the cut.
+    noisy = np.where(rng.random(500) < 0.25, 1 - clean, clean)
+    t = decision.change_point_threshold(m, noisy)
+    assert abs(t - 1.0) < 0.5
+    assert decision.change_point_threshold(np.zeros(10), noisy[:10]) is None  # nothing to cut
+
+
+def test_the_mixture_finds_the_crossing_of_two_label_emitting_clusters():
+    rng = np.random.default_rng(4)
+    clean = (rng.random(600) > 0.2).astype(int)
+    m = np.where(clean == 1, rng.normal(2.0, 1.0, 600), rng.normal(-2.0, 1.0, 600))
+    noisy = np.where((clean == 1) & (rng.random(600) < 0.6), 0, clean)  # case (3), r = 0.6
+    t = decision.mixture_threshold(m, noisy)
+    # The crossing of 0.2 N(-2, 1) and 0.8 N(2, 1) is at -log(4) / 4 = -0.35.
+    assert abs(t + 0.35) < 0.4
+    # Class 1 left of class 0 is no fit the rule can use.
+    assert decision.mixture_threshold(-m, 1 - noisy) is not None
+    assert decision.mixture_threshold(np.ones(5), np.array([0, 1, 0, 1, 0])) is None
+
+
+def test_the_threshold_rule_keeps_the_estimate_in_the_sparser_place(monkeypatch):
+    rng = np.random.default_rng(5)
+    m = np.concatenate([rng.normal(-3, 0.3, 100), rng.normal(3, 0.3, 300)])
+    scores = np.stack([np.zeros_like(m), m], axis=1)
+    noisy = (m > 0).astype(int)
+    monkeypatch.setattr(decision, "change_point_threshold", lambda m, y: 3.0)  # dense
+    monkeypatch.setattr(decision, "mixture_threshold", lambda m, y: 0.0)  # the valley
+    chosen = decision.choose_threshold(scores, noisy)
+    assert chosen.chosen == "mixture" and chosen.threshold == 0.0
+    monkeypatch.setattr(decision, "mixture_threshold", lambda m, y: None)
+    assert decision.choose_threshold(scores, noisy).chosen == "change-point"
+    monkeypatch.setattr(decision, "change_point_threshold", lambda m, y: None)
+    chosen = decision.choose_threshold(scores, noisy)
+    assert chosen.chosen == "argmax" and (chosen.offsets == 0).all()
+    with pytest.raises(ValueError, match="argument 'scores' must have shape"):
+        decision.choose_threshold(np.zeros((4, 3)), np.zeros(4, dtype=int))
+
+
+def test_auto_on_two_classes_folds_the_threshold_into_the_model():
+    data = load_dataset("digits-binary")
+    splits = make_splits(data, noise_transition("binary3", 2, 0.5), 0)
+    config = TrainConfig(hidden=16, ce_epochs=3, dmi_epochs=3, dmi_rule="auto")
+    result = run_method("dmi", splits, config, seed=0)
+    record = result.decision
+    assert record["rule"] == "threshold" and record["chosen"] in ("change-point", "mixture")
+    assert record["offsets"] == [0.0, pytest.approx(-record["threshold"], abs=1e-4)]
+    logits = result.model(splits.test.x).detach()
+    expected = 100.0 * float((logits.argmax(1) == splits.test.y).double().mean())
+    assert result.test_accuracy == pytest.approx(expected)

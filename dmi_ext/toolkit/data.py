@@ -350,7 +350,9 @@ def stratified_indices(y: np.ndarray, val_fraction: float, test_fraction: float,
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-INPUT_SCALINGS = ("standardize", "scale")
+INPUT_SCALINGS = ("standardize-floor", "standardize", "scale")
+# 'standardize-floor': no feature is divided by less than this share of the features' RMS spread.
+SPREAD_FLOOR = 0.25
 
 
 def default_pairs(dataset) -> Tuple[Tuple[int, int], ...]:
@@ -382,15 +384,17 @@ def align_test_set(data: Dataset, test: Dataset, flag: str = "--test-data") -> D
 
 
 def make_splits(dataset: Dataset, transition, seed: int, val_fraction: float = 0.2,
-                test_fraction: float = 0.2, inputs: str = "standardize",
+                test_fraction: float = 0.2, inputs: str = "standardize-floor",
                 test: Optional[Dataset] = None) -> Splits:
     """Stratified split, features scaled with training statistics, noisy train / val labels.
 
     The split, and the noise, depend on ``seed`` only. ``inputs``: 'standardize' gives each
     feature mean 0 and std 1 on the training part (features with no spread there, e.g. the
-    always-blank corner pixels of digits, are centred, not scaled); 'scale' divides every
-    feature by the largest |x| of the training part (digits: x / 16), which keeps rare pixels
-    small where standardising would blow them up. ``test``: a clean test set (as aligned by
+    always-blank corner pixels of digits, are centred, not scaled); 'standardize-floor' (the
+    default) centres each feature and divides it by its std or by ``SPREAD_FLOOR`` times the
+    RMS of all features' stds, whichever is larger, so that a nearly constant feature (a border
+    pixel of digits, std 0.02 against 4.3 for the RMS) is not blown up into a few huge values;
+    'scale' divides every feature by the largest |x| of the training part (digits: x / 16). ``test``: a clean test set (as aligned by
     ``align_test_set``); ``dataset`` is then split into training and validation parts only.
     """
     if inputs not in INPUT_SCALINGS:
@@ -406,9 +410,12 @@ def make_splits(dataset: Dataset, transition, seed: int, val_fraction: float = 0
         train, val = stratified_indices(dataset.y, val_fraction, 0.0, seed)[:2]
     else:
         train, val, test = stratified_indices(dataset.y, val_fraction, test_fraction, seed)
-    if inputs == "standardize":
+    if inputs in ("standardize", "standardize-floor"):
         mean = dataset.x[train].mean(axis=0)
         std = dataset.x[train].std(axis=0)
+        if inputs == "standardize-floor":
+            rms = float(np.sqrt(np.mean(std.astype(np.float64) ** 2)))
+            std = np.maximum(std, SPREAD_FLOOR * rms)
         std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
     else:
         largest = float(np.abs(dataset.x[train]).max())

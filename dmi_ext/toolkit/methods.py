@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import DMILoss, joint_matrix
 from .data import Splits
-from .decision import choose_offsets
+from .decision import choose_offsets, choose_threshold
 from .models import build_model, predict_logits
 from .parallel import rank_and_world
 from .train import (Batches, Phase, PhaseLog, TrainConfig, accuracy, derived_seed, fit,
@@ -253,22 +253,41 @@ def run_method(method: str, splits: Splits, config: TrainConfig, seed: int, *,
 
 
 def apply_decision_rule(model: nn.Module, splits: Splits, rule: str) -> dict:
-    """Fits ``decision.choose_offsets`` on the noisy validation split and folds the offsets into
-    the model's last bias (so a saved model predicts with them); returns what was decided."""
+    """Fits the decision rule on the noisy validation split and folds its offsets into the
+    model's last bias (so a saved model predicts with them); returns what was decided.
+
+    'auto': for two classes the threshold rule (``decision.choose_threshold``); for more, the
+    offsets through T̂ where the validation split has ``MIN_LABELS_PER_ENTRY`` labels per entry
+    of T̂ and det T̂ > 0. 'estimated-T': those offsets, always.
+    """
     if rule not in DMI_RULES:
         raise ValueError(f"argument 'dmi_rule' must be one of {DMI_RULES}, got {rule!r}")
-    scores = torch.log_softmax(predict_logits(model, splits.val.x).double(), dim=1)
-    decision = choose_offsets(scores.cpu().numpy(), splits.val.y.cpu().numpy(),
-                              min_labels_per_entry=MIN_LABELS_PER_ENTRY if rule == "auto" else 0,
-                              positive_det=rule == "auto")
+    scores = torch.log_softmax(predict_logits(model, splits.val.x).double(), dim=1).cpu().numpy()
+    noisy = splits.val.y.cpu().numpy()
+    if rule == "auto" and scores.shape[1] == 2:
+        chosen = choose_threshold(scores, noisy)
+        offsets = chosen.offsets
+        record = {"rule": "threshold", "applied": bool(chosen.threshold != 0.0),
+                  "threshold": round(chosen.threshold, 4), "chosen": chosen.chosen,
+                  "change_point": _rounded(chosen.change_point),
+                  "mixture": _rounded(chosen.mixture)}
+    else:
+        decision = choose_offsets(scores, noisy,
+                                  min_labels_per_entry=MIN_LABELS_PER_ENTRY if rule == "auto"
+                                  else 0, positive_det=rule == "auto")
+        offsets = decision.offsets
+        record = {"rule": "estimated-T", "applied": bool(decision.applied),
+                  "estimated_gain": round(float(decision.gain), 4),
+                  "labels_per_entry": round(decision.labels_per_entry, 1),
+                  "det_T_hat": round(decision.det_T_hat, 4)}
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
-        last.bias += torch.as_tensor(decision.offsets, dtype=last.bias.dtype,
-                                     device=last.bias.device)
-    return {"applied": bool(decision.applied), "estimated_gain": round(float(decision.gain), 4),
-            "labels_per_entry": round(decision.labels_per_entry, 1),
-            "det_T_hat": round(decision.det_T_hat, 4),
-            "offsets": np.round(decision.offsets, 4).tolist()}
+        last.bias += torch.as_tensor(offsets, dtype=last.bias.dtype, device=last.bias.device)
+    return {**record, "offsets": np.round(offsets, 4).tolist()}
+
+
+def _rounded(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(float(value), 4)
 
 
 def _fw_transition(model: nn.Module, splits: Splits, how: str) -> np.ndarray:

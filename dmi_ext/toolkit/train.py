@@ -47,9 +47,13 @@ class TrainConfig:
     model: str = _option("mlp", "network: 'mlp' (any data) or 'cnn' (image-shaped data)")
     hidden: int = _option(128, "width of the hidden layers")
     layers: int = _option(2, "hidden layers of the MLP")
-    inputs: str = _option("standardize", "feature scaling, from the training split: "
-                                         "'standardize' (each feature to mean 0, std 1) or "
-                                         "'scale' (all features divided by the largest |x|)")
+    inputs: str = _option("standardize-floor", "feature scaling, from the training split: "
+                                               "'standardize-floor' (each feature centred and "
+                                               "divided by its std, or by a quarter of the RMS "
+                                               "of all features' stds if that is larger, so that "
+                                               "nearly constant features are not blown up), "
+                                               "'standardize' (each feature to mean 0, std 1) or "
+                                               "'scale' (all features divided by the largest |x|)")
     batch_size: int = _option(128, "mini-batch size for CE, FW, GCE and LCCN (the last partial "
                                    "batch is spread over the others, so batches hold at least "
                                    "this; with --nproc, the rows of all processes together)")
@@ -75,8 +79,12 @@ class TrainConfig:
     dmi_rule: str = _option("auto", "DMI's decision rule: 'argmax', 'estimated-T' (per-class "
                                       "offsets that maximise the clean accuracy estimated "
                                       "through T from the noisy validation labels) or 'auto' "
-                                      "(those offsets where the validation split has at least "
-                                      "25 labels per entry of T and det T-hat > 0)")
+                                      "(2 classes: the threshold where the noisy validation "
+                                      "labels change rate along the model's ranking, by a "
+                                      "change point and a label-emitting mixture, whichever "
+                                      "lies where the scores are sparser; more classes: the "
+                                      "estimated-T offsets where the validation split has at "
+                                      "least 25 labels per entry of T and det T-hat > 0)")
     dmi_batch_size: int = _option(256, "mini-batch size of L_DMI (small batches make the joint "
                                        "matrix badly conditioned; the paper uses 128 or 256; "
                                        "with --nproc, the global batch U is formed over)")
