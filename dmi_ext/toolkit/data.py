@@ -394,8 +394,9 @@ def make_splits(dataset: Dataset, transition, seed: int, val_fraction: float = 0
     default) centres each feature and divides it by its std or by ``SPREAD_FLOOR`` times the
     RMS of all features' stds, whichever is larger, so that a nearly constant feature (a border
     pixel of digits, std 0.02 against 4.3 for the RMS) is not blown up into a few huge values;
-    'scale' divides every feature by the largest |x| of the training part (digits: x / 16). ``test``: a clean test set (as aligned by
-    ``align_test_set``); ``dataset`` is then split into training and validation parts only.
+    'scale' divides every feature by the largest |x| of the training part (digits: x / 16).
+    ``test``: a clean test set (as aligned by ``align_test_set``); ``dataset`` is then split into
+    training and validation parts only.
     """
     if inputs not in INPUT_SCALINGS:
         raise ValueError(f"argument 'inputs' must be one of {INPUT_SCALINGS}, got {inputs!r}")
