@@ -219,6 +219,9 @@ def test_the_threshold_rule_recovers_the_cut_from_noisy_labels_only():
     # keeps the change point.
     assert -1.6 < chosen.change_point < -1.5 and chosen.mixture > 0.0
     assert chosen.chosen == "change-point"
+    # Validation labels of one class say nothing about where the classes part: the arg-max.
+    alone = decision.choose_threshold(scores, np.zeros(len(noisy), dtype=int))
+    assert alone.chosen == "argmax" and (alone.offsets == 0).all()
 
 
 def test_the_change_point_sits_where_the_label_rate_changes():

@@ -260,7 +260,8 @@ class Threshold:
 
     offsets: np.ndarray  # [0, -threshold]: predict class 1 iff z_1 - z_0 > threshold
     threshold: float  # 0: the arg-max
-    chosen: str  # 'change-point', 'mixture' or 'argmax' (neither estimate exists)
+    chosen: str  # 'change-point', 'mixture' or 'argmax' (neither estimate exists, or the
+    # validation labels hold one class only)
     change_point: Optional[float]
     mixture: Optional[float]
 
@@ -273,6 +274,8 @@ def choose_threshold(scores: np.ndarray, noisy: np.ndarray) -> Threshold:
     if scores.ndim != 2 or scores.shape[1] != 2:
         raise ValueError(f"argument 'scores' must have shape (N, 2), got {scores.shape}")
     margin = scores[:, 1] - scores[:, 0]
+    if np.bincount(noisy, minlength=2).min() == 0:  # one noisy class only: nothing to read
+        return Threshold(np.zeros(2), 0.0, "argmax", None, None)
     candidates = {"change-point": change_point_threshold(margin, noisy),
                   "mixture": mixture_threshold(margin, noisy)}
     found = {name: t for name, t in candidates.items() if t is not None}
