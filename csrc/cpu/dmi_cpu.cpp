@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../dmi.h"
@@ -25,7 +26,9 @@ LossOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from
   const Layout L = check_forward(input, target, eps, reduction);
   const int64_t G = L.matrices(), C = L.classes;
   // Through PyTorch's allocator, so that memory profiles see the workspace.
-  const at::Tensor sums = at::zeros({G, C, C}, input.options().dtype(at::kDouble));
+  // (at::empty and a fill: at::zeros would be another dispatched op.)
+  const at::Tensor sums = at::empty({G, C, C}, input.options().dtype(at::kDouble));
+  std::fill_n(sums.data_ptr<double>(), G * C * C, 0.0);
   std::vector<int64_t> counts(G, 0);
   joint_accumulate(input, target, L, from_logits, ignore_index, validate,
                    sums.data_ptr<double>(), counts.data());
