@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -183,7 +184,7 @@ DMI_CPU_CLONES bool lu_pivots(double* A, int64_t C, int64_t CP, double tol, int6
 // stride `stride`; returns sum(r) + sum(c), so log|det U| = log|det A| + that * log 2. NaN entries
 // are skipped in the maxima and reach the LU, which passes them on.
 struct Equilibrated {
-  std::vector<int> r, c;
+  c10::SmallVector<int, kFusedMaxClasses> r, c;  // on the stack up to the fused limit
   int total = 0;
 
   void scale(const double* sums, int64_t C, double s, double* A, int64_t stride) {
@@ -232,8 +233,8 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
   const int64_t grain = std::max<int64_t>(1, (64 * 64 * 64) / (C * C * C));
   const int64_t CP = (C + 3) / 4 * 4;  // padded row stride of the workspace
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
-    std::vector<double> A(C * CP, 0.0);  // the padding columns stay zero
-    std::vector<int64_t> swaps(C);
+    c10::SmallVector<double, 16 * 16> A(C * CP, 0.0);  // the padding columns stay zero
+    c10::SmallVector<int64_t, 32> swaps(C);
     Equilibrated eq;
     for (int64_t g = g0; g < g1; ++g) {
       const double s = joint_scale(counts[g], normalize);
