@@ -138,10 +138,16 @@ DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, doub
       const double f = rr[k];
       const double f1 = rr[k1] - f * rk_k1;  // column k + 1 after step k
       if (f == 0.0 && f1 == 0.0) continue;
-      for (int64_t c = c0; c < CP; c += 4) {
+      // The lane masks only in the one or two vectors that hold columns k and k + 1: per vector
+      // they cost as much as the arithmetic (issue 23). The same operations, in the same order.
+      for (int64_t c = c0; c < lane_k.chunk; c += 4)
+        store4(rr + c, load4(rr + c) - f * load4(saved_row + c) - f1 * load4(r1 + c));
+      for (int64_t c = lane_k.chunk; c <= lane_k1.chunk; c += 4) {
         const v4d v = lane_k1.set(c, lane_k.set(c, load4(rr + c), 0.0), 0.0);
         store4(rr + c, v - f * load4(saved_row + c) - f1 * load4(r1 + c));
       }
+      for (int64_t c = lane_k1.chunk + 4; c < CP; c += 4)
+        store4(rr + c, load4(rr + c) - f * load4(saved_row + c) - f1 * load4(r1 + c));
     }
     k += 2;
   }
