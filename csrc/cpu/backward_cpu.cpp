@@ -184,7 +184,8 @@ at::Tensor dmi_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
     for (int64_t g = 0; g < G; ++g) scales[g] = grad_scale(gp, g, G, reduction);
   });
   const at::Tensor table = grad_table.is_contiguous() ? grad_table : grad_table.contiguous();
-  at::Tensor grad_input = cpu_empty(input.sizes(), input.scalar_type(), at::MemoryFormat::Contiguous);
+  at::Tensor grad_input =
+      cpu_empty(input.sizes(), input.scalar_type(), at::MemoryFormat::Contiguous);
   const Strides st = strides_of(input, target, L);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "dmi_ext_backward_cpu", [&] {
