@@ -6,6 +6,10 @@ on the same logits.
     python -m benchmarks.kernels --shapes 8192x10 --threads 1 --budget 0.5
     python -m benchmarks.kernels --callgrind           # instruction counts per stage, one thread
 
+Against another build (e.g. a git worktree of an older commit built with `python setup.py
+build_ext --inplace`): put that build's dmi_ext first on PYTHONPATH, this benchmarks package
+after it; docs/results/speed-issue23.md has such a comparison.
+
 The stages: joint (softmax and the accumulation of the joint matrix U), lu_loss (the LU
 factorisation, log|det U| and the grad table, from a given U), dmi (the fused forward: both, with
 the grad table a backward needs), dmi_backward (the gradient from the grad table). Then "fused"
@@ -56,9 +60,14 @@ def stage_callables(N, C, seed=0):
     z = torch.randn(N, C, generator=g)
     y = torch.randint(0, C, (N,), generator=g)
     ops = torch.ops.dmi_ext
+    # need_grad_table=True where the schema has it: an older build (one from before the numerics
+    # change, say, on PYTHONPATH in place of this checkout's dmi_ext) has no such argument.
+    grad_table = (True,) if any(a.name == "need_grad_table"
+                                for a in ops.dmi.default._schema.arguments) else ()
     with torch.no_grad():
         sums, counts = ops.joint.default(z, y, True, IGNORE_INDEX, True)
-        loss, _, _, table = ops.dmi.default(z, y, True, True, 0.0, IGNORE_INDEX, 1, True, True)
+        loss, _, _, table = ops.dmi.default(z, y, True, True, 0.0, IGNORE_INDEX, 1, True,
+                                            *grad_table)
     grad_loss = torch.ones_like(loss)
     zg = z.clone().requires_grad_(True)
 
@@ -69,7 +78,7 @@ def stage_callables(N, C, seed=0):
     fns = {
         "joint": lambda: ops.joint.default(z, y, True, IGNORE_INDEX, True),
         "lu_loss": lambda: ops.lu_loss.default(sums, counts, True, 0.0),
-        "dmi": lambda: ops.dmi.default(z, y, True, True, 0.0, IGNORE_INDEX, 1, True, True),
+        "dmi": lambda: ops.dmi.default(z, y, True, True, 0.0, IGNORE_INDEX, 1, True, *grad_table),
         "dmi_backward": lambda: ops.dmi_backward.default(grad_loss, z, y, table, True,
                                                          IGNORE_INDEX, 1),
         "cross-entropy": cross_entropy,

@@ -83,4 +83,11 @@ std::vector<int64_t> matrix_shape(const Layout& layout);
 //       -> grad_input: dL/dP[i] = sum_g scale_g * grad_table[g][target[g, i]], then softmax'.
 using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// dmi(input, target, ..., validate, need_grad_table=false) through the dispatcher, as
+// torch.ops.dmi_ext.dmi.default calls it (every dispatch key, autograd included), for the
+// Python module's direct binding (python_module.cpp).
+LossOutputs call_dmi(const at::Tensor& input, const at::Tensor& target, bool from_logits,
+                     bool normalize, double eps, int64_t ignore_index, int64_t reduction,
+                     bool validate);
+
 }  // namespace dmi_ext

@@ -9,6 +9,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <sstream>
@@ -211,36 +213,35 @@ dmi_op() {
   return op;
 }
 
-// Fused forward: L = reduce(-log(|det U_g| + eps)); backward through the grad table.
-class DMIFunction : public torch::autograd::Function<DMIFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
-                               const at::Tensor& target, bool from_logits, bool normalize,
-                               double eps, int64_t ignore_index, int64_t reduction,
-                               bool validate) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, lad, singular, table] = dmi_op().call(input, target, from_logits, normalize, eps,
-                                                      ignore_index, reduction, validate, true);
-    ctx->save_for_backward({input, target, table});
-    ctx->saved_data["from_logits"] = from_logits;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["reduction"] = reduction;
-    ctx->mark_non_differentiable({lad, singular, table});
-    ctx->set_materialize_grads(false);  // no zero tensors for the non-differentiable outputs
-    return {loss, lad, singular, table};
+// Fused forward: L = reduce(-log(|det U_g| + eps)); backward through the grad table. The
+// backward node is written like PyTorch's generated ones (a Node with SavedVariables), not as a
+// torch::autograd::Function: that one keeps its scalars in a string-keyed IValue map, wraps all
+// four outputs and copies the gradients into and out of an AutogradContext, which at N = 128 cost
+// as much as the kernels (issue 23). The saved tensors behave as any op's: saved-tensor hooks
+// apply, and an in-place change of the input or a second backward raises PyTorch's own error.
+struct DMIBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable input_, target_, table_;
+  bool from_logits_ = true;
+  int64_t ignore_index_ = -100;
+  int64_t reduction_ = kReductionMean;
+
+  std::string name() const override { return "DMIBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input_.reset_data();
+    target_.reset_data();
+    table_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     at::Tensor grad_input;
     if (grads[0].defined()) {
-      grad_input = call_dmi_backward(grads[0], saved[0], saved[1], saved[2],
-                                     ctx->saved_data["from_logits"].toBool(),
-                                     ctx->saved_data["ignore_index"].toInt(),
-                                     ctx->saved_data["reduction"].toInt());
+      grad_input = call_dmi_backward(grads[0], input_.unpack(), target_.unpack(),
+                                     table_.unpack(), from_logits_, ignore_index_, reduction_);
     }
-    return {grad_input, at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_input};
   }
 };
 
@@ -340,9 +341,24 @@ LossOutputs dmi_autograd(const at::Tensor& input, const at::Tensor& target, bool
     return dmi_op().call(input, target, from_logits, normalize, eps, ignore_index, reduction,
                          validate, need_grad_table);
   }
-  auto out = DMIFunction::apply(input, target, from_logits, normalize, eps, ignore_index,
-                                reduction, validate);
-  return {out[0], out[1], out[2], out[3]};
+  LossOutputs out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = dmi_op().call(input, target, from_logits, normalize, eps, ignore_index, reduction,
+                        validate, true);
+  }
+  // Only the loss is differentiable (log|det|, the singular flags and the table are not), and
+  // only through input: one edge, to input's gradient.
+  auto node = c10::make_intrusive<DMIBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input));
+  node->input_ = torch::autograd::SavedVariable(input, false);
+  node->target_ = torch::autograd::SavedVariable(target, false);
+  node->table_ = torch::autograd::SavedVariable(std::get<3>(out), false);
+  node->from_logits_ = from_logits;
+  node->ignore_index_ = ignore_index;
+  node->reduction_ = reduction;
+  torch::autograd::set_history(std::get<0>(out), node);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> joint_autograd(const at::Tensor& input,
@@ -360,6 +376,13 @@ at::Tensor dmi_backward_autograd(const at::Tensor& grad_loss, const at::Tensor& 
 }
 
 }  // namespace
+
+LossOutputs call_dmi(const at::Tensor& input, const at::Tensor& target, bool from_logits,
+                     bool normalize, double eps, int64_t ignore_index, int64_t reduction,
+                     bool validate) {
+  return dmi_op().call(input, target, from_logits, normalize, eps, ignore_index, reduction,
+                       validate, false);
+}
 
 TORCH_LIBRARY(dmi_ext, m) {
   m.def(

@@ -20,6 +20,7 @@
 
 #include "../dmi.h"
 #include "../dmi_math.h"
+#include "joint_cpu.h"
 #include "softmax_cpu.h"
 #include "tiles_cpu.h"
 
@@ -50,15 +51,17 @@ void backward_float(const BackwardArgs<scalar_t, index_t>& a) {
   constexpr bool float_out = std::is_same_v<scalar_t, float>;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (C * M));
   at::parallel_for(0, a.L.slices * N, grain, [&](int64_t begin, int64_t end) {
-    const int64_t TR = tile_rows(C);
-    std::vector<float> tables(M * table_rows * CP);
-    std::vector<float> gsum(M > 1 ? TR * CP : 0);
-    std::vector<const float*> grow(TR);
-    std::vector<float> loaded(a.from_logits ? TR * C + kTileSlack : 0);
-    std::vector<float> e(a.from_logits ? TR * C + kTileSlack : 0);
-    std::vector<float> rinv(a.from_logits ? TR + kTileSlack : 0);
-    std::vector<float> out_tile(float_out ? 0 : TR * C);
-    std::vector<int64_t> labels(TR);
+    const int64_t TR = tile_rows(C, end - begin);
+    const bool in_place = float_out && rows_in_place<scalar_t, float>(a.st.input_row,
+                                                                      a.st.input_class, C);
+    std::vector<float> tables(M * table_rows * CP);  // zero-filled: the padding is read
+    Scratch<float> gsum(M > 1 ? TR * CP : 0);
+    Scratch<const float*> grow(TR);
+    Scratch<float> loaded(a.from_logits && !in_place ? TR * C + kTileSlack : 0);
+    Scratch<float> e(a.from_logits ? TR * C + kTileSlack : 0);
+    Scratch<float> rinv(a.from_logits ? TR + kTileSlack : 0);
+    Scratch<float> out_tile(float_out ? 0 : TR * C);
+    Scratch<int64_t> labels(TR);
     int64_t tables_slice = -1;
     for (int64_t flat = begin; flat < end;) {
       const int64_t s = flat / N, r = flat % N;
@@ -125,13 +128,13 @@ void backward_double(const BackwardArgs<scalar_t, index_t>& a) {
   const int64_t M = a.L.sources, N = a.L.rows, C = a.L.classes, CC = C * C;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (C * M));
   at::parallel_for(0, a.L.slices * N, grain, [&](int64_t begin, int64_t end) {
-    const int64_t TR = tile_rows(C);
-    std::vector<double> g(TR * C), loaded(TR * C), e(TR * C), rinv(TR);
-    std::vector<int64_t> labels(TR);
+    const int64_t TR = tile_rows(C, end - begin);
+    Scratch<double> g(TR * C), loaded(TR * C), e(TR * C), rinv(TR);
+    Scratch<int64_t> labels(TR);
     for (int64_t flat = begin; flat < end;) {
       const int64_t s = flat / N, r = flat % N;
       const int64_t nr = std::min({TR, end - flat, N - r});
-      std::fill(g.begin(), g.begin() + nr * C, 0.0);
+      std::fill(g.data(), g.data() + nr * C, 0.0);
       for (int64_t j = 0; j < M; ++j) {
         const int64_t gi = s * M + j;
         read_labels(labels.data(), a.t + gi * a.st.target_matrix + r * a.st.target_row,
@@ -139,7 +142,7 @@ void backward_double(const BackwardArgs<scalar_t, index_t>& a) {
         gather_rows(g.data(), a.table + gi * CC, labels.data(), a.scales[gi], nr, C);
         for (int64_t i = 0; i < nr; ++i) {
           if (labels[i] == kOutOfRangeLabel)  // its matrix was poisoned in the forward
-            std::fill(g.begin() + i * C, g.begin() + (i + 1) * C,
+            std::fill(g.data() + i * C, g.data() + (i + 1) * C,
                       std::numeric_limits<double>::quiet_NaN());
         }
       }
@@ -182,7 +185,7 @@ at::Tensor dmi_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
   });
   const at::Tensor table = grad_table.is_contiguous() ? grad_table : grad_table.contiguous();
   at::Tensor grad_input =
-      at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+      cpu_empty(input.sizes(), input.scalar_type(), at::MemoryFormat::Contiguous);
   const Strides st = strides_of(input, target, L);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "dmi_ext_backward_cpu", [&] {

@@ -2,8 +2,11 @@
 // reduced and cast. Nothing of size N x C is formed; what the backward needs is the grad table.
 // Few tensors are allocated: at N = 128 a tensor allocation costs as much as the maths.
 #include <ATen/ATen.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../dmi.h"
@@ -24,31 +27,31 @@ LossOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from
                     bool validate, bool need_grad_table) {
   const Layout L = check_forward(input, target, eps, reduction);
   const int64_t G = L.matrices(), C = L.classes;
-  // Through PyTorch's allocator, so that memory profiles see the workspace.
-  const at::Tensor sums = at::zeros({G, C, C}, input.options().dtype(at::kDouble));
-  std::vector<int64_t> counts(G, 0);
-  joint_accumulate(input, target, L, from_logits, ignore_index, validate,
-                   sums.data_ptr<double>(), counts.data());
+  // The workspace through PyTorch's CPU allocator, so that memory profiles see it, but as raw
+  // memory: a tensor would cost a dispatched allocation more (issue 23).
+  const at::DataPtr sums_memory = c10::GetCPUAllocator()->allocate(G * C * C * sizeof(double));
+  double* sums = static_cast<double*>(sums_memory.get());
+  std::fill_n(sums, G * C * C, 0.0);
+  c10::SmallVector<int64_t, 4> counts(G, 0);
+  joint_accumulate(input, target, L, from_logits, ignore_index, validate, sums, counts.data());
 
-  std::vector<double> loss(G), lad(G);
-  const auto opts = input.options();
+  c10::SmallVector<double, 4> loss(G), lad(G);
   const std::vector<int64_t> mshape = matrix_shape(L);
-  at::Tensor singular = at::empty(mshape, opts.dtype(at::kBool));
-  at::Tensor table = at::empty({need_grad_table ? G : 0, C, C}, opts.dtype(at::kDouble));
-  lu_loss_all(sums.const_data_ptr<double>(), counts.data(), G, C, normalize, eps, loss.data(),
-              lad.data(), singular.data_ptr<bool>(),
-              need_grad_table ? table.data_ptr<double>() : nullptr);
+  at::Tensor singular = cpu_empty(mshape, at::kBool);
+  at::Tensor table = cpu_empty({need_grad_table ? G : 0, C, C}, at::kDouble);
+  lu_loss_all(sums, counts.data(), G, C, normalize, eps, loss.data(), lad.data(),
+              singular.data_ptr<bool>(), need_grad_table ? table.data_ptr<double>() : nullptr);
 
   const at::ScalarType dtype = loss_dtype(input.scalar_type());
-  at::Tensor out_lad = at::empty(mshape, opts.dtype(dtype));
+  at::Tensor out_lad = cpu_empty(mshape, dtype);
   at::Tensor out_loss;
   if (reduction == kReductionNone) {
-    out_loss = at::empty(mshape, opts.dtype(dtype));
+    out_loss = cpu_empty(mshape, dtype);
   } else {
     double total = 0.0;
     for (int64_t g = 0; g < G; ++g) total += loss[g];  // fixed order: bitwise reproducible
     loss[0] = reduction == kReductionMean ? total / static_cast<double>(G) : total;
-    out_loss = at::empty({}, opts.dtype(dtype));
+    out_loss = cpu_empty({}, dtype);
   }
   if (dtype == at::kDouble) {
     write_as<double>(out_loss, loss.data(), out_loss.numel());

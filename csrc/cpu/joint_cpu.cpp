@@ -55,11 +55,11 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
   const int64_t tasks = S * K;
   const int64_t grain = K > 1 ? 1 : std::max<int64_t>(1, kGrainElements / (N * C * M));
   at::parallel_for(0, tasks, grain, [&](int64_t task_begin, int64_t task_end) {
-    const int64_t TR = tile_rows(C);
-    std::vector<acc_t> loaded(read_in_place ? 0 : TR * C + kTileSlack);
-    std::vector<acc_t> probs(from_logits ? TR * C + kTileSlack : 0);
-    std::vector<acc_t> rinv(from_logits ? TR + kTileSlack : 0);
-    std::vector<int64_t> labels(TR);
+    const int64_t TR = tile_rows(C, (N + K - 1) / K);
+    Scratch<acc_t> loaded(read_in_place ? 0 : TR * C + kTileSlack);
+    Scratch<acc_t> probs(from_logits ? TR * C + kTileSlack : 0);
+    Scratch<acc_t> rinv(from_logits ? TR + kTileSlack : 0);
+    Scratch<int64_t> labels(TR);
     std::vector<int64_t> kept(M);
     std::vector<char> invalid(M);
     for (int64_t task = task_begin; task < task_end; ++task) {
@@ -67,7 +67,7 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
       const int64_t r0 = N * k / K, r1 = N * (k + 1) / K;
       double* dst = K > 1 ? partial + task * part_stride : sums + s * M * CC;
       std::fill(kept.begin(), kept.end(), 0);
-      std::fill(invalid.begin(), invalid.end(), 0);
+      std::fill(invalid.begin(), invalid.end(), char{0});
       for (int64_t r = r0; r < r1; r += TR) {
         const int64_t nr = std::min(TR, r1 - r);
         const scalar_t* rows = xp + s * st.input_slice + r * st.input_row;

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -137,10 +138,16 @@ DMI_INLINE bool gauss_jordan_impl(double* A, int64_t C, int64_t CP_runtime, doub
       const double f = rr[k];
       const double f1 = rr[k1] - f * rk_k1;  // column k + 1 after step k
       if (f == 0.0 && f1 == 0.0) continue;
-      for (int64_t c = c0; c < CP; c += 4) {
+      // The lane masks only in the one or two vectors that hold columns k and k + 1: per vector
+      // they cost as much as the arithmetic (issue 23). The same operations, in the same order.
+      for (int64_t c = c0; c < lane_k.chunk; c += 4)
+        store4(rr + c, load4(rr + c) - f * load4(saved_row + c) - f1 * load4(r1 + c));
+      for (int64_t c = lane_k.chunk; c <= lane_k1.chunk; c += 4) {
         const v4d v = lane_k1.set(c, lane_k.set(c, load4(rr + c), 0.0), 0.0);
         store4(rr + c, v - f * load4(saved_row + c) - f1 * load4(r1 + c));
       }
+      for (int64_t c = lane_k1.chunk + 4; c < CP; c += 4)
+        store4(rr + c, load4(rr + c) - f * load4(saved_row + c) - f1 * load4(r1 + c));
     }
     k += 2;
   }
@@ -183,31 +190,57 @@ DMI_CPU_CLONES bool lu_pivots(double* A, int64_t C, int64_t CP, double tol, int6
 // stride `stride`; returns sum(r) + sum(c), so log|det U| = log|det A| + that * log 2. NaN entries
 // are skipped in the maxima and reach the LU, which passes them on.
 struct Equilibrated {
-  std::vector<int> r, c;
+  c10::SmallVector<int, kFusedMaxClasses> r, c;  // on the stack up to the fused limit
   int total = 0;
 
+  // 2^e, the factor times_pow2(x, e) multiplies by, or 0 where times_pow2 takes ldexp instead.
+  static double pow2_factor(int e) { return e < -1022 || e > 1023 ? 0.0 : times_pow2(1.0, e); }
+
+  // Row by row, every element times one factor per row and per column, as whole-row loops: the
+  // same products times_pow2 forms element by element (ldexp where a factor is out of range), at
+  // a fraction of the cost (issue 23: this was a third of the LU stage at C = 100).
   void scale(const double* sums, int64_t C, double s, double* A, int64_t stride) {
     r.assign(C, 0);
     c.assign(C, 0);
     total = 0;
+    c10::SmallVector<double, kFusedMaxClasses> colmax(C, 0.0);
     for (int64_t t = 0; t < C; ++t) {
+      double* a = A + t * stride;
+      const double* u = sums + t * C;
       double m = 0.0;
       for (int64_t k = 0; k < C; ++k) {
-        const double v = std::abs(s * sums[t * C + k]);
-        m = v > m ? v : m;
+        const double v = s * u[k];
+        a[k] = v;
+        const double av = std::abs(v);
+        m = av > m ? av : m;
       }
       r[t] = scale_exponent(m);
-      for (int64_t k = 0; k < C; ++k) A[t * stride + k] = times_pow2(s * sums[t * C + k], -r[t]);
-    }
-    for (int64_t k = 0; k < C; ++k) {
-      double m = 0.0;
-      for (int64_t t = 0; t < C; ++t) {
-        const double v = std::abs(A[t * stride + k]);
-        m = v > m ? v : m;
+      const double p = pow2_factor(-r[t]);
+      if (p != 0.0) {
+        for (int64_t k = 0; k < C; ++k) a[k] = a[k] * p;
+      } else {
+        for (int64_t k = 0; k < C; ++k) a[k] = times_pow2(a[k], -r[t]);
       }
-      c[k] = scale_exponent(m);
-      if (c[k] != 0)
-        for (int64_t t = 0; t < C; ++t) A[t * stride + k] = times_pow2(A[t * stride + k], -c[k]);
+      for (int64_t k = 0; k < C; ++k) {
+        const double av = std::abs(a[k]);
+        colmax[k] = av > colmax[k] ? av : colmax[k];
+      }
+    }
+    c10::SmallVector<double, kFusedMaxClasses> pc(C);
+    bool in_range = true;
+    for (int64_t k = 0; k < C; ++k) {
+      c[k] = scale_exponent(colmax[k]);
+      pc[k] = pow2_factor(-c[k]);
+      in_range &= pc[k] != 0.0;
+    }
+    for (int64_t t = 0; t < C; ++t) {
+      double* a = A + t * stride;
+      if (in_range) {
+        for (int64_t k = 0; k < C; ++k) a[k] = c[k] != 0 ? a[k] * pc[k] : a[k];
+      } else {
+        for (int64_t k = 0; k < C; ++k)
+          if (c[k] != 0) a[k] = times_pow2(a[k], -c[k]);
+      }
     }
     for (int64_t i = 0; i < C; ++i) total += r[i] + c[i];
   }
@@ -215,6 +248,27 @@ struct Equilibrated {
   // U^{-1}[k][t] = A^{-1}[k][t] / 2^(c[k] + r[t]).
   double unscale_inverse(double a_inv_kt, int64_t k, int64_t t) const {
     return times_pow2(a_inv_kt, -(c[k] + r[t]));
+  }
+
+  // out[t * C + k] = f * U^{-1}[k][t] from A^{-1} (row stride `stride`). Where every exponent is
+  // within +-511, 2^-c[k] * 2^-r[t] is exactly 2^-(c[k] + r[t]), so the product of two factors
+  // is the factor unscale_inverse multiplies by: the same values without its per-element test.
+  void unscale_inverse_transposed(const double* A_inv, int64_t C, int64_t stride, double f,
+                                  double* out) const {
+    bool small = true;
+    for (int64_t i = 0; i < C; ++i) small &= std::abs(r[i]) <= 511 && std::abs(c[i]) <= 511;
+    if (!small) {
+      for (int64_t t = 0; t < C; ++t)
+        for (int64_t k = 0; k < C; ++k)
+          out[t * C + k] = f * unscale_inverse(A_inv[k * stride + t], k, t);
+      return;
+    }
+    c10::SmallVector<double, kFusedMaxClasses> pc(C);
+    for (int64_t k = 0; k < C; ++k) pc[k] = times_pow2(1.0, -c[k]);
+    for (int64_t t = 0; t < C; ++t) {
+      const double pr = times_pow2(1.0, -r[t]);
+      for (int64_t k = 0; k < C; ++k) out[t * C + k] = f * (A_inv[k * stride + t] * (pc[k] * pr));
+    }
   }
 };
 
@@ -232,8 +286,8 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
   const int64_t grain = std::max<int64_t>(1, (64 * 64 * 64) / (C * C * C));
   const int64_t CP = (C + 3) / 4 * 4;  // padded row stride of the workspace
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
-    std::vector<double> A(C * CP, 0.0);  // the padding columns stay zero
-    std::vector<int64_t> swaps(C);
+    c10::SmallVector<double, 16 * 16> A(C * CP, 0.0);  // the padding columns stay zero
+    c10::SmallVector<int64_t, 32> swaps(C);
     Equilibrated eq;
     for (int64_t g = g0; g < g1; ++g) {
       const double s = joint_scale(counts[g], normalize);
@@ -249,10 +303,7 @@ void lu_loss_small(const double* sums, const int64_t* counts, int64_t G, int64_t
       } else {
         lad += eq.total * kLn2;
         if (table) {  // table = -w s U^{-T}
-          const double f = -det_weight(lad, log_eps) * s;
-          for (int64_t t = 0; t < C; ++t)
-            for (int64_t k = 0; k < C; ++k)
-              table[t * C + k] = f * eq.unscale_inverse(A[k * CP + t], k, t);
+          eq.unscale_inverse_transposed(A.data(), C, CP, -det_weight(lad, log_eps) * s, table);
           zero_if_overflowed(table, CC);
         }
       }

@@ -53,7 +53,8 @@ constexpr float kExpLow = -104.0f;
 // Cephes degree-5 q, then 2^n applied as two normal powers of two 2^(n/2) 2^(n - n/2), so that a
 // result in the subnormal range is rounded once, correctly. NaN and +inf are not handled here
 // (the caller redoes such tiles exactly).
-DMI_INLINE v8f exp_nonpositive(v8f x) {
+// The reduction and polynomial of both exps below: y = e^r and n, with x = n ln2 + r.
+DMI_INLINE v8f exp_reduced(v8f x, v8f* n_out) {
   const v8f round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const v8f n = (x * 1.44269504088896341f + round) - round;
   v8f r = x - n * 0.693359375f;  // ln 2 in two parts (Cody-Waite) keeps r exact
@@ -64,7 +65,13 @@ DMI_INLINE v8f exp_nonpositive(v8f x) {
   q = q * r + 4.1665795894e-2f;
   q = q * r + 1.6666665459e-1f;
   q = q * r + 5.0000001201e-1f;
-  const v8f y = q * (r * r) + r + 1.0f;
+  *n_out = n;
+  return q * (r * r) + r + 1.0f;
+}
+
+DMI_INLINE v8f exp_nonpositive(v8f x) {
+  v8f n;
+  const v8f y = exp_reduced(x, &n);
   const v8i ni = __builtin_convertvector(select(x >= kExpLow, n, splat(0.0f)), v8i);
   const v8i n1 = ni >> 1, n2 = ni - n1;  // both >= -76: 2^n1 and 2^n2 are normal floats
   const v8f result = (y * (v8f)((n1 + 127) << 23)) * (v8f)((n2 + 127) << 23);
@@ -101,6 +108,18 @@ DMI_INLINE void softmax_row_exact(const T* x, T* e, T* rinv, int64_t C) {
 constexpr float kShiftFree = 64.0f;
 
 DMI_INLINE v8i in_shift_free_range(v8f v) { return (v >= -kShiftFree) & (v <= kShiftFree); }
+
+// exp_nonpositive for the lanes in the shift-free range (`in_range`), bitwise: there e^x is a
+// normal float (2^-93 .. 2^93), y * 2^n is exact in one multiply as in exp_nonpositive's two,
+// and no lane needs the flush below kExpLow. Other lanes give a finite value of no meaning, which
+// the caller replaces (their rows are redone shifted). Five vector operations fewer per eight
+// elements: the exp is most of a softmax, and the backward recomputes the softmax (issue 23).
+DMI_INLINE v8f exp_shift_free(v8f x, v8i in_range) {
+  v8f n;
+  const v8f y = exp_reduced(select(in_range, x, splat(0.0f)), &n);
+  const v8i ni = __builtin_convertvector(n, v8i);
+  return y * (v8f)((ni + 127) << 23);
+}
 
 // rinv[i] = sum of row i of E (C entries; the last partial vector is read whole, masked: E needs
 // kTileSlack elements past the tile). One routine for every row, shifted or not.
@@ -143,17 +162,21 @@ DMI_INLINE void softmax_rows_float(const float* X, float* E, float* rinv, int64_
   const int64_t n = rows * C, n8 = n / 8 * 8;
   // 1. exp over the flat tile, unshifted, noting whether every logit is in the shift-free range
   // (NaN is not). The tile's last partial vector is gathered: X may be the caller's tensor.
+  // A row with a lane outside the range is redone below (shifted, or exactly), so the lanes in
+  // the range are all this pass must get right.
   v8i fits = ~v8i{};
   for (int64_t j = 0; j < n8; j += 8) {
     const v8f v = load8(X + j);
-    fits &= in_shift_free_range(v);
-    store8(E + j, exp_nonpositive(v));
+    const v8i in_range = in_shift_free_range(v);
+    fits &= in_range;
+    store8(E + j, exp_shift_free(v, in_range));
   }
   if (n8 < n) {
     v8f v = splat(0.0f);
     for (int64_t j = n8; j < n; ++j) v[j - n8] = X[j];
-    fits &= in_shift_free_range(v);
-    store8(E + n8, exp_nonpositive(v));  // into the slack past n
+    const v8i in_range = in_shift_free_range(v);
+    fits &= in_range;
+    store8(E + n8, exp_shift_free(v, in_range));  // into the slack past n
   }
   bool all_fit = true;
   for (int l = 0; l < 8; ++l) all_fit &= fits[l] != 0;

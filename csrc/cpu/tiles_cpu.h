@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 
 namespace dmi_ext::cpu {
@@ -15,6 +16,26 @@ constexpr int64_t kOutOfRangeLabel = -2;  // target outside [0, C) and not ignor
 
 // Rows per tile: a tile of C floats per row stays within L1 next to the matrix being updated.
 inline int64_t tile_rows(int64_t C) { return std::clamp<int64_t>(2048 / C, 1, 256); }
+// The same, for a task of `rows` rows: no larger than the task (the buffers of a small batch).
+inline int64_t tile_rows(int64_t C, int64_t rows) {
+  return std::max<int64_t>(1, std::min(tile_rows(C), rows));
+}
+
+// A task's scratch buffer of n elements (none for n = 0), left uninitialised: every element a
+// kernel uses is written before it is read, and the slack past a tile is only read into vector
+// lanes that are masked off. Zero-filling the tiles cost as much as the maths at N = 128.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : data_(n > 0 ? new T[n] : nullptr) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  T& operator[](int64_t i) { return data_[i]; }
+  const T& operator[](int64_t i) const { return data_[i]; }
+
+ private:
+  std::unique_ptr<T[]> data_;
+};
 
 // Elements of input a parallel task should have before another thread is worth waking.
 constexpr int64_t kGrainElements = 16384;
