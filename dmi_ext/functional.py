@@ -2,7 +2,9 @@
 
 Thin wrappers over ``torch.ops.dmi_ext``: they check the keywords' types, translate them into the
 op's arguments and shape the results; all maths, value checks and gradients live in the compiled
-op.
+op. ``dmi_loss`` reaches the op through its direct binding (``dmi_ext._C.dmi_loss``, the same
+dispatcher call without torch.ops' argument boxing) for plain tensors outside torch.compile and
+torch function modes, and through ``torch.ops`` otherwise.
 """
 
 from typing import Literal, NamedTuple, Tuple, Union, overload
