@@ -116,16 +116,21 @@ __device__ InverseResult invert_matrix(const MatrixSource& source, int C, double
     }
     __syncthreads();
   };
-  publish();
-  for (int t = tid; t < C; t += blockDim.x) {
-    double m = 0.0;
-    for (int k = 0; k < C; ++k) {
-      const double v = fabs(stage[t * C + k]);
-      m = v > m ? v : m;
+  // The exponent of each row's (line_stride C, step 1) or column's (line_stride 1, step C)
+  // largest |entry| in the staged matrix.
+  auto line_exponents = [&](int line_stride, int step, int* exponent) {
+    for (int t = tid; t < C; t += blockDim.x) {
+      double m = 0.0;
+      for (int k = 0; k < C; ++k) {
+        const double v = fabs(stage[t * line_stride + k * step]);
+        m = v > m ? v : m;
+      }
+      exponent[t] = scale_exponent(m);
     }
-    sh.row_exponent[t] = scale_exponent(m);
-  }
-  __syncthreads();
+    __syncthreads();
+  };
+  publish();
+  line_exponents(C, 1, sh.row_exponent);
 #pragma unroll
   for (int i = 0; i < RPT; ++i) {
     const int r = ty + TY * i;
@@ -135,15 +140,7 @@ __device__ InverseResult invert_matrix(const MatrixSource& source, int C, double
     }
   }
   publish();
-  for (int k = tid; k < C; k += blockDim.x) {
-    double m = 0.0;
-    for (int t = 0; t < C; ++t) {
-      const double v = fabs(stage[t * C + k]);
-      m = v > m ? v : m;
-    }
-    sh.col_exponent[k] = scale_exponent(m);
-  }
-  __syncthreads();
+  line_exponents(1, C, sh.col_exponent);
 #pragma unroll
   for (int j = 0; j < CPT; ++j) {
     const int c = tx + TX * j;

@@ -59,15 +59,18 @@ def _joint(pred: np.ndarray, noisy: np.ndarray, C: int) -> np.ndarray:
     return joint / len(noisy)
 
 
-def _inverse_estimate(pred: np.ndarray, noisy: np.ndarray, C: int) -> Optional[np.ndarray]:
-    """T̂⁻¹ from the predictions as stand-ins for clean labels; None if T̂ is singular (a class
-    never predicted, or rows that say the same)."""
+def _T_hat(pred: np.ndarray, noisy: np.ndarray, C: int) -> Optional[np.ndarray]:
+    """T̂: the row-normalised joint matrix of the predictions (as stand-ins for clean labels)
+    against the noisy labels; None if a class is never predicted."""
     joint = _joint(pred, noisy, C)
     rows = joint.sum(axis=1, keepdims=True)
-    if (rows <= 0).any():
-        return None
-    T_hat = joint / rows
-    if abs(np.linalg.det(T_hat)) < 1e-6:
+    return None if (rows <= 0).any() else joint / rows
+
+
+def _inverse_estimate(pred: np.ndarray, noisy: np.ndarray, C: int) -> Optional[np.ndarray]:
+    """T̂⁻¹; None if T̂ is singular (a class never predicted, or rows that say the same)."""
+    T_hat = _T_hat(pred, noisy, C)
+    if T_hat is None or abs(np.linalg.det(T_hat)) < 1e-6:
         return None
     return np.linalg.inv(T_hat)
 
@@ -154,9 +157,8 @@ def choose_offsets(scores: np.ndarray, noisy: np.ndarray, *, min_gain: float = 0
     per_entry = len(noisy) / C ** 2
     offsets = fit_offsets(scores, noisy)
     gain = estimated_gain(scores, noisy, offsets)
-    joint = _joint(np.argmax(scores + offsets, axis=1), noisy, C)
-    rows = joint.sum(axis=1, keepdims=True)
-    det = float(np.linalg.det(joint / rows)) if (rows > 0).all() else 0.0
+    T_hat = _T_hat(np.argmax(scores + offsets, axis=1), noisy, C)
+    det = 0.0 if T_hat is None else float(np.linalg.det(T_hat))
     applied = bool(gain > min_gain and per_entry >= min_labels_per_entry
                    and (det > 0 or not positive_det))
     return Decision(offsets if applied else np.zeros(C), applied, gain, per_entry, det)
@@ -168,10 +170,12 @@ def choose_offsets(scores: np.ndarray, noisy: np.ndarray, *, min_gain: float = 0
 EM_ITERATIONS = 200  # the mixture's EM; it settles within a few dozen on digits
 
 
+_lgamma = np.vectorize(math.lgamma, otypes=[np.float64])  # without scipy
+
+
 def _betaln(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """log B(a, b) for positive integers and halves, without scipy (math.lgamma per element)."""
-    lgamma = np.vectorize(math.lgamma, otypes=[np.float64])
-    return lgamma(a) + lgamma(b) - lgamma(a + b)
+    """log B(a, b), elementwise."""
+    return _lgamma(a) + _lgamma(b) - _lgamma(a + b)
 
 
 def change_point_threshold(margin: np.ndarray, noisy: np.ndarray) -> Optional[float]:
