@@ -2,6 +2,7 @@
 JSON), the device plumbing (tested on the CPU; on a GPU when there is one) and the decision rule."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -222,6 +223,13 @@ def test_the_threshold_rule_recovers_the_cut_from_noisy_labels_only():
     # Validation labels of one class say nothing about where the classes part: the arg-max.
     alone = decision.choose_threshold(scores, np.zeros(len(noisy), dtype=int))
     assert alone.chosen == "argmax" and (alone.offsets == 0).all()
+    # A diverged model's NaN or infinite score leaves nothing to rank by: the arg-max, no warning.
+    for bad in (np.nan, np.inf):
+        broken = scores.copy()
+        broken[7, 1] = bad
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert decision.choose_threshold(broken, noisy).chosen == "argmax"
 
 
 def test_the_change_point_sits_where_the_label_rate_changes():

@@ -264,8 +264,8 @@ class Threshold:
 
     offsets: np.ndarray  # [0, -threshold]: predict class 1 iff z_1 - z_0 > threshold
     threshold: float  # 0: the arg-max
-    chosen: str  # 'change-point', 'mixture' or 'argmax' (neither estimate exists, or the
-    # validation labels hold one class only)
+    chosen: str  # 'change-point', 'mixture' or 'argmax' (neither estimate exists, the
+    # validation labels hold one class only, or a score is not finite)
     change_point: Optional[float]
     mixture: Optional[float]
 
@@ -278,7 +278,8 @@ def choose_threshold(scores: np.ndarray, noisy: np.ndarray) -> Threshold:
     if scores.ndim != 2 or scores.shape[1] != 2:
         raise ValueError(f"argument 'scores' must have shape (N, 2), got {scores.shape}")
     margin = scores[:, 1] - scores[:, 0]
-    if np.bincount(noisy, minlength=2).min() == 0:  # one noisy class only: nothing to read
+    # One noisy class only, or a score that is not a number: nothing to read a cut from.
+    if np.bincount(noisy, minlength=2).min() == 0 or not np.isfinite(margin).all():
         return Threshold(np.zeros(2), 0.0, "argmax", None, None)
     candidates = {"change-point": change_point_threshold(margin, noisy),
                   "mixture": mixture_threshold(margin, noisy)}
