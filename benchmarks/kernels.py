@@ -62,12 +62,16 @@ def stage_callables(N, C, seed=0):
     ops = torch.ops.dmi_ext
     # need_grad_table=True where the schema has it: an older build (one from before the numerics
     # change, say, on PYTHONPATH in place of this checkout's dmi_ext) has no such argument.
-    grad_table = (True,) if any(a.name == "need_grad_table"
-                                for a in ops.dmi.default._schema.arguments) else ()
+    # Likewise save_probs (the forward keeps the softmax for the backward, what the autograd
+    # kernel asks for): "dmi" and "dmi_backward" are then the two halves of a training step.
+    arguments = [a.name for a in ops.dmi.default._schema.arguments]
+    grad_table = (True,) if "need_grad_table" in arguments else ()
+    grad_table += (True,) if "save_probs" in arguments else ()
     with torch.no_grad():
         sums, counts = ops.joint.default(z, y, True, IGNORE_INDEX, True)
-        loss, _, _, table = ops.dmi.default(z, y, True, True, 0.0, IGNORE_INDEX, 1, True,
-                                            *grad_table)
+        out = ops.dmi.default(z, y, True, True, 0.0, IGNORE_INDEX, 1, True, *grad_table)
+    loss, table = out[0], out[3]
+    saved = (out[4],) if len(out) > 4 else ()
     grad_loss = torch.ones_like(loss)
     zg = z.clone().requires_grad_(True)
 
@@ -80,7 +84,7 @@ def stage_callables(N, C, seed=0):
         "lu_loss": lambda: ops.lu_loss.default(sums, counts, True, 0.0),
         "dmi": lambda: ops.dmi.default(z, y, True, True, 0.0, IGNORE_INDEX, 1, True, *grad_table),
         "dmi_backward": lambda: ops.dmi_backward.default(grad_loss, z, y, table, True,
-                                                         IGNORE_INDEX, 1),
+                                                         IGNORE_INDEX, 1, *saved),
         "cross-entropy": cross_entropy,
     }
 

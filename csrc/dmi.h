@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace dmi_ext {
@@ -45,8 +46,13 @@ void check_joint(const at::Tensor& sums, const at::Tensor& counts);
 // reduction, grad_loss, grad_table), in the order every device runs them.
 Layout check_forward(const at::Tensor& input, const at::Tensor& target, double eps,
                      int64_t reduction);
+// `probs`, when defined and not empty, is the forward's saved softmax (see the dmi op below): it
+// must have input's shape and be float64 for a float64 input, float32 otherwise.
 Layout check_backward(const at::Tensor& grad_loss, const at::Tensor& input,
-                      const at::Tensor& target, const at::Tensor& grad_table, int64_t reduction);
+                      const at::Tensor& target, const at::Tensor& grad_table, int64_t reduction,
+                      const std::optional<at::Tensor>& probs);
+// Whether a backward was handed the forward's probabilities (defined and not the (0,) placeholder).
+bool has_probs(const std::optional<at::Tensor>& probs);
 
 // Element strides of input read as (slices, N, C) and of target read as (matrices, N); a
 // dimension the tensor lacks has stride 0. Kernels index raw pointers with these (no views).
@@ -77,16 +83,24 @@ std::vector<int64_t> matrix_shape(const Layout& layout);
 //       A label outside [0, C) raises when validate, else fills its matrix with NaN.
 //   lu_loss(sums, counts, normalize, eps) -> (loss, logabsdet, singular, grad_table)
 //       per matrix, float64; grad_table[g] = s_g * dL_g/dU_g = -w_g s_g U_g^{-T} (0 if singular).
-//   dmi(input, target, from_logits, normalize, eps, ignore_index, reduction, validate)
-//       -> (loss, logabsdet, singular, grad_table): joint + lu_loss fused, loss reduced.
-//   dmi_backward(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction)
-//       -> grad_input: dL/dP[i] = sum_g scale_g * grad_table[g][target[g, i]], then softmax'.
+//   dmi(input, target, from_logits, normalize, eps, ignore_index, reduction, validate,
+//       need_grad_table, save_probs) -> (loss, logabsdet, singular, grad_table, probs):
+//       joint + lu_loss fused, loss reduced. probs: with save_probs and from_logits, P = softmax
+//       of input as the backward would recompute it (input's shape, float64 for a float64 input,
+//       else float32), kept by the autograd kernel so that the backward skips the softmax; a
+//       device that would rather recompute (CUDA: the same bytes read either way) and every call
+//       without save_probs return an empty (0,) tensor.
+//   dmi_backward(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction,
+//                probs=None)
+//       -> grad_input: dL/dP[i] = sum_g scale_g * grad_table[g][target[g, i]], then softmax'
+//       with P from `probs` when given (not empty), else recomputed from input.
 using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using DmiOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// dmi(input, target, ..., validate, need_grad_table=false) through the dispatcher, as
-// torch.ops.dmi_ext.dmi.default calls it (every dispatch key, autograd included), for the
-// Python module's direct binding (python_module.cpp).
-LossOutputs call_dmi(const at::Tensor& input, const at::Tensor& target, bool from_logits,
+// dmi(input, target, ..., validate, need_grad_table=false, save_probs=false) through the
+// dispatcher, as torch.ops.dmi_ext.dmi.default calls it (every dispatch key, autograd included),
+// for the Python module's direct binding (python_module.cpp).
+DmiOutputs call_dmi(const at::Tensor& input, const at::Tensor& target, bool from_logits,
                      bool normalize, double eps, int64_t ignore_index, int64_t reduction,
                      bool validate);
 

@@ -116,8 +116,16 @@ Layout check_forward(const at::Tensor& input, const at::Tensor& target, double e
   return L;
 }
 
+// The placeholder a forward returns when it keeps no probabilities is exactly shape (0,); asked
+// by dimensions first, so that symbolic shapes (torch.compile) are not forced to a value.
+bool has_probs(const std::optional<at::Tensor>& probs) {
+  return probs.has_value() && probs->defined() &&
+         !(probs->dim() == 1 && probs->sym_size(0) == 0);
+}
+
 Layout check_backward(const at::Tensor& grad_loss, const at::Tensor& input,
-                      const at::Tensor& target, const at::Tensor& grad_table, int64_t reduction) {
+                      const at::Tensor& target, const at::Tensor& grad_table, int64_t reduction,
+                      const std::optional<at::Tensor>& probs) {
   const Layout L = check_inputs(input, target);
   check_reduction(reduction);
   const int64_t G = L.matrices(), C = L.classes;
@@ -138,6 +146,18 @@ Layout check_backward(const at::Tensor& grad_loss, const at::Tensor& input,
                     "dmi_ext: arguments 'grad_loss', 'grad_table' and 'input' must be on the same "
                     "device, got ", grad_loss.device(), ", ", grad_table.device(), " and ",
                     input.device());
+  if (has_probs(probs)) {
+    const at::ScalarType want = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK_TYPE(probs->scalar_type() == want, "dmi_ext: argument 'probs' must be ", want,
+                     " for ", input.scalar_type(), " input (the forward's saved softmax), got ",
+                     probs->scalar_type());
+    TORCH_CHECK_VALUE(probs->sym_sizes() == input.sym_sizes(),
+                      "dmi_ext: argument 'probs' has shape ",
+                      shape_str(*probs), ", expected input's shape ", shape_str(input));
+    TORCH_CHECK_VALUE(probs->device() == input.device(),
+                      "dmi_ext: arguments 'probs' and 'input' must be on the same device, got ",
+                      probs->device(), " and ", input.device());
+  }
   return L;
 }
 
@@ -189,27 +209,54 @@ using torch::autograd::variable_list;
 // skips its own autograd kernel (the double-backward guard), which would only add overhead.
 at::Tensor call_dmi_backward(const at::Tensor& grad_loss, const at::Tensor& input,
                              const at::Tensor& target, const at::Tensor& grad_table,
-                             bool from_logits, int64_t ignore_index, int64_t reduction) {
+                             bool from_logits, int64_t ignore_index, int64_t reduction,
+                             const std::optional<at::Tensor>& probs) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("dmi_ext::dmi_backward", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                                const at::Tensor&, const at::Tensor&, bool,
-                                               int64_t, int64_t)>();
+                                               int64_t, int64_t,
+                                               const std::optional<at::Tensor>&)>();
   if (!at::GradMode::is_enabled()) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction);
+    return op.call(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction,
+                   probs);
   }
-  return op.call(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction);
+  return op.call(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction,
+                 probs);
 }
 
-const c10::TypedOperatorHandle<LossOutputs(const at::Tensor&, const at::Tensor&, bool, bool,
-                                           double, int64_t, int64_t, bool, bool)>&
+// dmi_backward_into: the gradient written over the saved probabilities (see DMIBackward::apply).
+void call_dmi_backward_into(const at::Tensor& grad_loss, const at::Tensor& input,
+                            const at::Tensor& target, const at::Tensor& grad_table,
+                            int64_t ignore_index, int64_t reduction, at::Tensor& probs) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dmi_ext::dmi_backward_into", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, int64_t, int64_t, at::Tensor&)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.call(grad_loss, input, target, grad_table, ignore_index, reduction, probs);
+}
+
+// Whether the backward may write the gradient over the saved probabilities: a plain dense tensor
+// (not a fake or functional one being traced: those take the functional op) of the gradient's
+// dtype, which the node was told it releases after this call, held by nothing else.
+bool may_overwrite(const at::Tensor& probs, const at::Tensor& input) {
+  constexpr auto traced = c10::DispatchKeySet({c10::DispatchKey::Python,
+                                               c10::DispatchKey::Functionalize});
+  return probs.defined() && !probs.key_set().has_any(traced) && probs.numel() > 0 &&
+         probs.scalar_type() == input.scalar_type() && probs.is_contiguous() &&
+         probs.use_count() == 1 && probs.has_storage() && probs.storage().use_count() == 1;
+}
+
+const c10::TypedOperatorHandle<DmiOutputs(const at::Tensor&, const at::Tensor&, bool, bool,
+                                          double, int64_t, int64_t, bool, bool, bool)>&
 dmi_op() {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("dmi_ext::dmi", "")
-          .typed<LossOutputs(const at::Tensor&, const at::Tensor&, bool, bool, double, int64_t,
-                             int64_t, bool, bool)>();
+          .typed<DmiOutputs(const at::Tensor&, const at::Tensor&, bool, bool, double, int64_t,
+                            int64_t, bool, bool, bool)>();
   return op;
 }
 
@@ -219,27 +266,45 @@ dmi_op() {
 // four outputs and copies the gradients into and out of an AutogradContext, which at N = 128 cost
 // as much as the kernels (issue 23). The saved tensors behave as any op's: saved-tensor hooks
 // apply, and an in-place change of the input or a second backward raises PyTorch's own error.
+// From logits it also keeps the forward's probabilities where the device saved them (the CPU), so
+// that the backward does not compute the softmax a second time (issue 23); when the graph is not
+// retained, the gradient is written over them: an N x C buffer fewer, and one that is already
+// paged in (a fresh one page-faults, about a quarter of the backward at N = 8192, C = 100).
 struct DMIBackward : public torch::autograd::Node {
-  torch::autograd::SavedVariable input_, target_, table_;
+  torch::autograd::SavedVariable input_, target_, table_, probs_;
   bool from_logits_ = true;
   int64_t ignore_index_ = -100;
   int64_t reduction_ = kReductionMean;
+  bool released_after_apply_ = false;  // the engine's promise: no second backward through here
 
   std::string name() const override { return "DMIBackward"; }
+
+  void will_release_variables() override { released_after_apply_ = true; }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     input_.reset_data();
     target_.reset_data();
     table_.reset_data();
+    probs_.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     at::Tensor grad_input;
     if (grads[0].defined()) {
-      grad_input = call_dmi_backward(grads[0], input_.unpack(), target_.unpack(),
-                                     table_.unpack(), from_logits_, ignore_index_, reduction_);
+      at::Tensor probs = probs_.unpack();
+      const at::Tensor input = input_.unpack();
+      if (released_after_apply_ && probs.defined()) {
+        probs_.reset_data();  // drop the node's reference: then ours may be the only one
+        if (may_overwrite(probs, input)) {
+          call_dmi_backward_into(grads[0], input, target_.unpack(), table_.unpack(),
+                                 ignore_index_, reduction_, probs);
+          return {probs};
+        }
+      }
+      grad_input = call_dmi_backward(grads[0], input, target_.unpack(), table_.unpack(),
+                                     from_logits_, ignore_index_, reduction_, probs);
     }
     return {grad_input};
   }
@@ -273,7 +338,8 @@ class JointFunction : public torch::autograd::Function<JointFunction> {
       const at::Tensor one = at::ones({}, grads[0].options());
       grad_input = call_dmi_backward(one, saved[0], saved[1], grads[0].to(at::kDouble),
                                      ctx->saved_data["from_logits"].toBool(),
-                                     ctx->saved_data["ignore_index"].toInt(), kReductionSum);
+                                     ctx->saved_data["ignore_index"].toInt(), kReductionSum,
+                                     std::nullopt);
     }
     return {grad_input, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -285,10 +351,11 @@ class BackwardFunction : public torch::autograd::Function<BackwardFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_loss,
                             const at::Tensor& input, const at::Tensor& target,
                             const at::Tensor& grad_table, bool from_logits,
-                            int64_t ignore_index, int64_t reduction) {
+                            int64_t ignore_index, int64_t reduction,
+                            const std::optional<at::Tensor>& probs) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_dmi_backward(grad_loss, input, target, grad_table, from_logits, ignore_index,
-                             reduction);
+                             reduction, probs);
   }
   static variable_list backward(AutogradContext*, variable_list) {
     TORCH_CHECK(false,
@@ -332,28 +399,32 @@ LossOutputs lu_loss_autograd(const at::Tensor& sums, const at::Tensor& counts, b
 }
 
 // A call that no gradient can follow (grad mode off, or an input that does not require grad) goes
-// straight to the device kernel, which then skips the inverse unless need_grad_table asks for it.
-LossOutputs dmi_autograd(const at::Tensor& input, const at::Tensor& target, bool from_logits,
-                         bool normalize, double eps, int64_t ignore_index, int64_t reduction,
-                         bool validate, bool need_grad_table) {
+// straight to the device kernel, which then skips the inverse unless need_grad_table asks for it
+// (and saves no probabilities unless save_probs asks). When a gradient can follow, the kernel is
+// asked for both: the table always, the probabilities from logits.
+DmiOutputs dmi_autograd(const at::Tensor& input, const at::Tensor& target, bool from_logits,
+                        bool normalize, double eps, int64_t ignore_index, int64_t reduction,
+                        bool validate, bool need_grad_table, bool save_probs) {
   if (!at::GradMode::is_enabled() || !input.requires_grad()) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return dmi_op().call(input, target, from_logits, normalize, eps, ignore_index, reduction,
-                         validate, need_grad_table);
+                         validate, need_grad_table, save_probs);
   }
-  LossOutputs out;
+  DmiOutputs out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     out = dmi_op().call(input, target, from_logits, normalize, eps, ignore_index, reduction,
-                        validate, true);
+                        validate, true, from_logits);
   }
-  // Only the loss is differentiable (log|det|, the singular flags and the table are not), and
-  // only through input: one edge, to input's gradient.
+  // Only the loss is differentiable (log|det|, the singular flags, the table and the saved
+  // probabilities are not), and only through input: one edge, to input's gradient.
   auto node = c10::make_intrusive<DMIBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input));
   node->input_ = torch::autograd::SavedVariable(input, false);
   node->target_ = torch::autograd::SavedVariable(target, false);
   node->table_ = torch::autograd::SavedVariable(std::get<3>(out), false);
+  if (has_probs(std::get<4>(out)))
+    node->probs_ = torch::autograd::SavedVariable(std::get<4>(out), false);
   node->from_logits_ = from_logits;
   node->ignore_index_ = ignore_index;
   node->reduction_ = reduction;
@@ -370,18 +441,19 @@ std::tuple<at::Tensor, at::Tensor> joint_autograd(const at::Tensor& input,
 
 at::Tensor dmi_backward_autograd(const at::Tensor& grad_loss, const at::Tensor& input,
                                  const at::Tensor& target, const at::Tensor& grad_table,
-                                 bool from_logits, int64_t ignore_index, int64_t reduction) {
+                                 bool from_logits, int64_t ignore_index, int64_t reduction,
+                                 const std::optional<at::Tensor>& probs) {
   return BackwardFunction::apply(grad_loss, input, target, grad_table, from_logits, ignore_index,
-                                 reduction);
+                                 reduction, probs);
 }
 
 }  // namespace
 
-LossOutputs call_dmi(const at::Tensor& input, const at::Tensor& target, bool from_logits,
-                     bool normalize, double eps, int64_t ignore_index, int64_t reduction,
-                     bool validate) {
+DmiOutputs call_dmi(const at::Tensor& input, const at::Tensor& target, bool from_logits,
+                    bool normalize, double eps, int64_t ignore_index, int64_t reduction,
+                    bool validate) {
   return dmi_op().call(input, target, from_logits, normalize, eps, ignore_index, reduction,
-                       validate, false);
+                       validate, false, false);
 }
 
 TORCH_LIBRARY(dmi_ext, m) {
@@ -393,11 +465,18 @@ TORCH_LIBRARY(dmi_ext, m) {
       " -> (Tensor loss, Tensor logabsdet, Tensor singular, Tensor grad_table)");
   m.def(
       "dmi(Tensor input, Tensor target, bool from_logits, bool normalize, float eps,"
-      " int ignore_index, int reduction, bool validate, bool need_grad_table=True)"
-      " -> (Tensor loss, Tensor logabsdet, Tensor singular, Tensor grad_table)");
+      " int ignore_index, int reduction, bool validate, bool need_grad_table=True,"
+      " bool save_probs=False)"
+      " -> (Tensor loss, Tensor logabsdet, Tensor singular, Tensor grad_table, Tensor probs)");
   m.def(
       "dmi_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor grad_table,"
-      " bool from_logits, int ignore_index, int reduction) -> Tensor");
+      " bool from_logits, int ignore_index, int reduction, Tensor? probs=None) -> Tensor");
+  // The same gradient from logits, written over `probs` (the forward's saved softmax, of input's
+  // shape and dtype) instead of a new tensor; what the fused op's backward node calls when it
+  // owns the last reference to them.
+  m.def(
+      "dmi_backward_into(Tensor grad_loss, Tensor input, Tensor target, Tensor grad_table,"
+      " int ignore_index, int reduction, Tensor(a!) probs) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dmi_ext, Autograd, m) {

@@ -122,19 +122,36 @@ def _lu_loss_fake(sums, counts, normalize, eps):
 
 @torch.library.register_fake("dmi_ext::dmi")
 def _dmi_fake(input, target, from_logits, normalize, eps, ignore_index, reduction, validate,
-              need_grad_table=True):
+              need_grad_table=True, save_probs=False):
     G, single = _check_inputs(input, target)
     _check_eps_reduction(eps, reduction)
     C = input.shape[-1]
     batch = () if single else (G,)
     dtype = _loss_dtype(input)
     loss = input.new_empty(batch if reduction == 0 else (), dtype=dtype)
+    # The saved softmax: only the CPU kernel keeps it (csrc/dmi.h), from logits when asked.
+    probs_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    keep = save_probs and from_logits and input.device.type == "cpu"
+    probs = (input.new_empty(input.shape, dtype=probs_dtype) if keep
+             else input.new_empty((0,), dtype=probs_dtype))
     return (loss, input.new_empty(batch, dtype=dtype), input.new_empty(batch, dtype=torch.bool),
-            input.new_empty((G if need_grad_table else 0, C, C), dtype=torch.float64))
+            input.new_empty((G if need_grad_table else 0, C, C), dtype=torch.float64), probs)
+
+
+@torch.library.register_fake("dmi_ext::dmi_backward_into")
+def _dmi_backward_into_fake(grad_loss, input, target, grad_table, ignore_index, reduction, probs):
+    _dmi_backward_fake(grad_loss, input, target, grad_table, True, ignore_index, reduction, probs)
+    if probs.dtype != input.dtype or not probs.is_contiguous():
+        raise TypeError(f"dmi_ext: argument 'probs' of dmi_backward_into must be contiguous and of "
+                        f"input's dtype ({input.dtype}), got {probs.dtype}")
+    if probs.shape != input.shape:
+        raise ValueError(f"dmi_ext: argument 'probs' has shape {_shape(probs)}, expected "
+                         f"input's shape {_shape(input)}")
 
 
 @torch.library.register_fake("dmi_ext::dmi_backward")
-def _dmi_backward_fake(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction):
+def _dmi_backward_fake(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction,
+                       probs=None):
     G, _ = _check_inputs(input, target)
     _check_eps_reduction(0.0, reduction)
     C = input.shape[-1]
@@ -151,4 +168,13 @@ def _dmi_backward_fake(grad_loss, input, target, grad_table, from_logits, ignore
         raise ValueError(f"dmi_ext: argument 'grad_loss' has {grad_loss.numel()} elements, "
                          f"expected {expected}")
     _check_same_device(("grad_loss", grad_loss), ("grad_table", grad_table), ("input", input))
+    if probs is not None and probs.numel() > 0:
+        want = torch.float64 if input.dtype == torch.float64 else torch.float32
+        if probs.dtype != want:
+            raise TypeError(f"dmi_ext: argument 'probs' must be {want} for {input.dtype} input "
+                            f"(the forward's saved softmax), got {probs.dtype}")
+        if probs.shape != input.shape:
+            raise ValueError(f"dmi_ext: argument 'probs' has shape {_shape(probs)}, expected "
+                             f"input's shape {_shape(input)}")
+        _check_same_device(("probs", probs), ("input", input))
     return torch.empty_like(input, memory_format=torch.contiguous_format)

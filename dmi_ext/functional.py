@@ -116,7 +116,7 @@ def dmi_loss(
                 return _C.dmi_loss(input, target, *args)
             loss, logabsdet, singular = _C.dmi_loss_info(input, target, *args)
         else:
-            loss, logabsdet, singular, _ = ops.dmi.default(input, target, *args, False)
+            loss, logabsdet, singular = ops.dmi.default(input, target, *args, False)[:3]
     except (NotImplementedError, RuntimeError) as error:
         raise _explain_dispatch_error(error, ("input", input), ("target", target)) from None
     if return_info:

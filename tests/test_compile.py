@@ -14,12 +14,13 @@ ops = torch.ops.dmi_ext
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("reduction", [0, 1])
-@pytest.mark.parametrize("need_grad_table", [True, False])
-def test_opcheck_dmi(device, kind, requires_grad, reduction, need_grad_table):
+@pytest.mark.parametrize("need_grad_table, save_probs", [(True, False), (False, False),
+                                                         (True, True)])
+def test_opcheck_dmi(device, kind, requires_grad, reduction, need_grad_table, save_probs):
     x, y = make_case(kind, 12, 3, n_ignored=2, device=device)
     x.requires_grad_(requires_grad)
-    torch.library.opcheck(ops.dmi.default,
-                          (x, y, True, True, 0.0, -100, reduction, True, need_grad_table))
+    torch.library.opcheck(ops.dmi.default, (x, y, True, True, 0.0, -100, reduction, True,
+                                            need_grad_table, save_probs))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -34,11 +35,23 @@ def test_opcheck_joint_and_lu(device, kind, requires_grad):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_opcheck_backward(device, kind):
+@pytest.mark.parametrize("save_probs", [False, True])
+def test_opcheck_backward(device, kind, save_probs):
     x, y = make_case(kind, 12, 3, device=device)
-    loss, _, _, table = ops.dmi.default(x, y, True, True, 0.0, -100, 1, True)
+    loss, _, _, table, probs = ops.dmi.default(x, y, True, True, 0.0, -100, 1, True, True,
+                                               save_probs)
     torch.library.opcheck(ops.dmi_backward.default,
-                          (torch.ones_like(loss), x, y, table, True, -100, 1))
+                          (torch.ones_like(loss), x, y, table, True, -100, 1, probs))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck_backward_into(device, kind):
+    x, y = make_case(kind, 12, 3, dtype=torch.float32, device=device)
+    loss, _, _, table, probs = ops.dmi.default(x, y, True, True, 0.0, -100, 1, True, True, True)
+    if probs.numel() == 0:
+        pytest.skip("this device keeps no probabilities (the backward recomputes them)")
+    torch.library.opcheck(ops.dmi_backward_into.default,
+                          (torch.ones_like(loss), x, y, table, -100, 1, probs))
 
 
 class Net(torch.nn.Module):

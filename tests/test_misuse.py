@@ -192,7 +192,7 @@ def test_sparse_target_names_the_argument():
 
 def test_half_grad_loss_on_the_op_names_the_argument():
     x, y = _case()
-    _, _, _, table = torch.ops.dmi_ext.dmi(x, y, True, True, 0.0, -100, 1, True, True)
+    table = torch.ops.dmi_ext.dmi(x, y, True, True, 0.0, -100, 1, True, True)[3]
     with pytest.raises(TypeError, match=r"'grad_loss' must be float32 or float64.*Half"):
         torch.ops.dmi_ext.dmi_backward(torch.ones((), dtype=torch.half), x, y, table, True,
                                        -100, 1)
@@ -563,3 +563,17 @@ def test_torchscript_dmi_loss_module():
         bad = y.clone()
         bad[0, 0] = 9
         scripted(x, bad)
+
+
+def test_bad_saved_probabilities_name_the_argument():
+    x, y = _case()
+    out = torch.ops.dmi_ext.dmi(x, y, True, True, 0.0, -100, 1, True, True, True)
+    one = torch.ones((), dtype=out[0].dtype)
+    with pytest.raises(TypeError, match=r"'probs' must be .*Double"):
+        torch.ops.dmi_ext.dmi_backward(one, x.double(), y, out[3], True, -100, 1, out[4])
+    with pytest.raises(ValueError, match=r"'probs' has shape \[3, 4\]"):
+        torch.ops.dmi_ext.dmi_backward(one, x, y, out[3], True, -100, 1, out[4][:3, :4])
+    with pytest.raises(ValueError, match=r"'probs' has shape"):
+        torch.ops.dmi_ext.dmi_backward_into(one, x, y, out[3], -100, 1, torch.empty(0))
+    with pytest.raises(TypeError, match=r"'probs' of dmi_backward_into must be"):
+        torch.ops.dmi_ext.dmi_backward_into(one, x.half(), y, out[3], -100, 1, out[4])

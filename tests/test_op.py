@@ -336,3 +336,81 @@ def test_forward_without_gradient_skips_the_inverse(device, C, kind):
     out = torch.ops.dmi_ext.dmi.default(xg, y, True, True, 1e-3, -100, 1, True, False)
     (grad,) = torch.autograd.grad(out[0], xg)
     assert out[3].shape[0] > 0 and torch.isfinite(grad).all()
+
+
+# The saved softmax (issue 23): from logits the CPU forward keeps P for the backward, which then
+# writes the gradient over it when the graph is not retained. Every path gives the same bits as
+# the backward op recomputing P from the logits.
+
+def _recomputed_grad(x, y, upstream, reduction):
+    """The gradient by the backward op alone, recomputing the softmax from x."""
+    with torch.no_grad():
+        out = torch.ops.dmi_ext.dmi.default(x, y, True, True, 0.0, -100, reduction, True, True)
+    return torch.ops.dmi_ext.dmi_backward.default(upstream.to(out[0].dtype), x, y, out[3], True,
+                                                  -100, reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("C", [3, 10, 37])
+def test_saved_softmax_gives_the_recomputed_gradient(device, dtype, kind, C):
+    x, y = make_case(kind, 5 * C, C, dtype=dtype, n_ignored=7, seed=C, device=device)
+    reduction = "none" if kind != "single" else "mean"
+    code = {"none": 0, "mean": 1}[reduction]
+    loss = dmi_ext.dmi_loss(x.clone().requires_grad_(True), y, reduction=reduction)
+    up = torch.rand(loss.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    want = _recomputed_grad(x, y, up.to(loss.dtype), code)
+    xg = x.clone().requires_grad_(True)
+    (once,) = torch.autograd.grad(dmi_ext.dmi_loss(xg, y, reduction=reduction), xg, up)
+    assert torch.equal(once, want)
+    # Retained graph: the first backward reads the saved P, the second may consume it.
+    loss = dmi_ext.dmi_loss(xg, y, reduction=reduction)
+    (first,) = torch.autograd.grad(loss, xg, up, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, xg, up)
+    assert torch.equal(first, want) and torch.equal(second, want)
+
+
+def test_saved_softmax_is_the_softmax_and_only_when_asked():
+    x, y = make_case("single", 40, 6, dtype=torch.float32)
+    ops = torch.ops.dmi_ext
+    out = ops.dmi.default(x, y, True, True, 0.0, -100, 1, True, True, True)
+    assert out[4].dtype == torch.float32 and out[4].shape == x.shape
+    torch.testing.assert_close(out[4], torch.softmax(x, -1), rtol=2e-6, atol=1e-7)
+    assert ops.dmi.default(x, y, True, True, 0.0, -100, 1, True, True, False)[4].shape == (0,)
+    p = torch.softmax(x, -1)
+    assert ops.dmi.default(p, y, False, True, 0.0, -100, 1, True, True, True)[4].shape == (0,)
+    half = ops.dmi.default(x.half(), y, True, True, 0.0, -100, 1, True, True, True)[4]
+    assert half.dtype == torch.float32 and half.shape == x.shape
+    # Through the autograd kernel the probabilities are kept whatever the call says.
+    xg = x.clone().requires_grad_(True)
+    assert ops.dmi.default(xg, y, True, True, 0.0, -100, 1, True, False, False)[4].shape == x.shape
+
+
+def test_backward_never_writes_over_probabilities_someone_holds():
+    """torch.ops hands the saved probabilities to the caller too: the backward then leaves them
+    alone and returns a new gradient."""
+    x, y = make_case("single", 40, 6, dtype=torch.float32)
+    xg = x.clone().requires_grad_(True)
+    out = torch.ops.dmi_ext.dmi.default(xg, y, True, True, 0.0, -100, 1, True)
+    kept = out[4].clone()
+    (grad,) = torch.autograd.grad(out[0], xg)
+    assert torch.equal(out[4], kept)
+    assert grad.data_ptr() != out[4].data_ptr()
+    assert torch.equal(grad, _recomputed_grad(x, y, torch.ones(()), 1))
+
+
+def test_saved_softmax_under_saved_tensor_hooks():
+    """Saved-tensor hooks see the probabilities like any saved tensor (here: packed as copies)."""
+    x, y = make_case("sources", 40, 6, dtype=torch.float32)
+    xg = x.clone().requires_grad_(True)
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = dmi_ext.dmi_loss(xg, y)
+    assert tuple(x.shape) in [tuple(s) for s in packed]
+    (grad,) = torch.autograd.grad(loss, xg)
+    assert torch.equal(grad, _recomputed_grad(x, y, torch.ones(()), 1))

@@ -1,7 +1,8 @@
 // Stage 3 on the CPU: one pass over the rows that reads input and target once and writes the
 // gradient once (docs/contract.md §4). Row i gets g_i = sum over its matrices g of scale_g *
-// grad_table[g][t_gi], then, from logits, the softmax backward p * (g - <g, p>) with p recomputed
-// from the logits.
+// grad_table[g][t_gi], then, from logits, the softmax backward p * (g - <g, p>) with p the
+// forward's saved probabilities when the autograd kernel kept them (`probs`), else recomputed from
+// the logits: the same bits either way (probability_rows).
 //
 // For 16- and 32-bit inputs (float arithmetic) each task first converts the scaled grad tables
 // it needs into float rows padded to a multiple of 8, plus a zero row (ignored labels) and a NaN
@@ -39,6 +40,7 @@ struct BackwardArgs {
   bool from_logits;
   int64_t ignore_index;
   scalar_t* out;
+  const void* probs;  // the saved softmax, contiguous, float64 for float64 input else float; or null
 };
 
 template <typename scalar_t, typename index_t>
@@ -49,6 +51,8 @@ void backward_float(const BackwardArgs<scalar_t, index_t>& a) {
   const int64_t zero_row = C, nan_row = C + 1;
   // Float output in packed rows is written in place; other dtypes go through a float tile.
   constexpr bool float_out = std::is_same_v<scalar_t, float>;
+  const float* saved = static_cast<const float*>(a.probs);
+  const int64_t total_rows = a.L.slices * N;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (C * M));
   at::parallel_for(0, a.L.slices * N, grain, [&](int64_t begin, int64_t end) {
     const int64_t TR = tile_rows(C, end - begin);
@@ -103,7 +107,14 @@ void backward_float(const BackwardArgs<scalar_t, index_t>& a) {
       } else {
         o = out_tile.data();
       }
-      if (a.from_logits) {
+      if (a.from_logits && saved != nullptr) {
+        const float* p = saved + flat * C;
+        if (flat + nr == total_rows) {  // the vector tail of the last row would read past the end
+          std::copy(p, p + nr * C, e.data());
+          p = e.data();
+        }
+        softmax_backward_rows(o, grow.data(), p, nullptr, nr, C);
+      } else if (a.from_logits) {
         const float* x = logit_rows(a.x + s * a.st.input_slice + r * a.st.input_row,
                                     a.st.input_row, a.st.input_class, nr, C, loaded.data());
         softmax_rows(x, e.data(), rinv.data(), nr, C);
@@ -122,10 +133,13 @@ void backward_float(const BackwardArgs<scalar_t, index_t>& a) {
 
 // In float64 throughout: float64 input, and 16/32-bit input whose scaled tables leave the float
 // range (|U^{-1}| beyond 3.4e38, e.g. a class predicted with subnormal probabilities), where the
-// float tables of backward_float would hold inf.
+// float tables of backward_float would hold inf. Saved probabilities are read for float64 input
+// only (16/32-bit input recomputes its softmax here in float64, as it always has).
 template <typename scalar_t, typename index_t>
 void backward_double(const BackwardArgs<scalar_t, index_t>& a) {
   const int64_t M = a.L.sources, N = a.L.rows, C = a.L.classes, CC = C * C;
+  const double* saved =
+      std::is_same_v<scalar_t, double> ? static_cast<const double*>(a.probs) : nullptr;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (C * M));
   at::parallel_for(0, a.L.slices * N, grain, [&](int64_t begin, int64_t end) {
     const int64_t TR = tile_rows(C, end - begin);
@@ -146,7 +160,9 @@ void backward_double(const BackwardArgs<scalar_t, index_t>& a) {
                       std::numeric_limits<double>::quiet_NaN());
         }
       }
-      if (a.from_logits) {
+      if (a.from_logits && saved != nullptr) {
+        softmax_backward_rows(g.data(), saved + flat * C, nullptr, nr, C);
+      } else if (a.from_logits) {
         const double* x = logit_rows(a.x + s * a.st.input_slice + r * a.st.input_row,
                                      a.st.input_row, a.st.input_class, nr, C, loaded.data());
         softmax_rows(x, e.data(), rinv.data(), nr, C);
@@ -172,10 +188,12 @@ bool fits_float(const BackwardArgs<scalar_t, index_t>& a) {
   return true;
 }
 
-at::Tensor dmi_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
-                            const at::Tensor& target, const at::Tensor& grad_table,
-                            bool from_logits, int64_t ignore_index, int64_t reduction) {
-  const Layout L = check_backward(grad_loss, input, target, grad_table, reduction);
+// The gradient into grad_input (input's shape, contiguous), from `saved` probabilities (contiguous,
+// see BackwardArgs) when not null; grad_input may be the saved tensor itself (dmi_backward_into):
+// every tile reads its rows of it before writing them.
+void run_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                  const at::Tensor& grad_table, bool from_logits, int64_t ignore_index,
+                  int64_t reduction, const Layout& L, const void* saved, at::Tensor& grad_input) {
   const int64_t G = L.matrices();
   std::vector<double> scales(G);
   AT_DISPATCH_FLOATING_TYPES(grad_loss.scalar_type(), "dmi_ext_grad_scale", [&] {
@@ -184,8 +202,6 @@ at::Tensor dmi_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
     for (int64_t g = 0; g < G; ++g) scales[g] = grad_scale(gp, g, G, reduction);
   });
   const at::Tensor table = grad_table.is_contiguous() ? grad_table : grad_table.contiguous();
-  at::Tensor grad_input =
-      cpu_empty(input.sizes(), input.scalar_type(), at::MemoryFormat::Contiguous);
   const Strides st = strides_of(input, target, L);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "dmi_ext_backward_cpu", [&] {
@@ -196,7 +212,7 @@ at::Tensor dmi_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
               table.const_data_ptr<double>(),   scales.data(),
               st,                               L,
               from_logits,                      ignore_index,
-              grad_input.data_ptr<scalar_t>()};
+              grad_input.data_ptr<scalar_t>(),  saved};
           if (std::is_same_v<scalar_t, double> || !fits_float(args)) {
             backward_double(args);
           } else {
@@ -209,11 +225,40 @@ at::Tensor dmi_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
           run(int32_t{});
         }
       });
+}
+
+at::Tensor dmi_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
+                            const at::Tensor& target, const at::Tensor& grad_table,
+                            bool from_logits, int64_t ignore_index, int64_t reduction,
+                            const std::optional<at::Tensor>& probs) {
+  const Layout L = check_backward(grad_loss, input, target, grad_table, reduction, probs);
+  at::Tensor grad_input =
+      cpu_empty(input.sizes(), input.scalar_type(), at::MemoryFormat::Contiguous);
+  const at::Tensor saved = from_logits && has_probs(probs) ? probs->contiguous() : at::Tensor();
+  run_backward(grad_loss, input, target, grad_table, from_logits, ignore_index, reduction, L,
+               saved.defined() ? saved.const_data_ptr() : nullptr, grad_input);
   return grad_input;
+}
+
+void dmi_backward_into_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
+                           const at::Tensor& target, const at::Tensor& grad_table,
+                           int64_t ignore_index, int64_t reduction, at::Tensor& probs) {
+  const Layout L = check_backward(grad_loss, input, target, grad_table, reduction, probs);
+  TORCH_CHECK_TYPE(probs.scalar_type() == input.scalar_type() && probs.is_contiguous(),
+                   "dmi_ext: argument 'probs' of dmi_backward_into must be contiguous and of "
+                   "input's dtype (", input.scalar_type(), "), got ", probs.scalar_type(),
+                   probs.is_contiguous() ? "" : ", not contiguous");
+  TORCH_CHECK_VALUE(probs.sizes() == input.sizes(), "dmi_ext: argument 'probs' has shape ",
+                    probs.sizes(), ", expected input's shape ", input.sizes());
+  run_backward(grad_loss, input, target, grad_table, true, ignore_index, reduction, L,
+               probs.const_data_ptr(), probs);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dmi_ext, CPU, m) { m.impl("dmi_backward", &dmi_backward_cpu); }
+TORCH_LIBRARY_IMPL(dmi_ext, CPU, m) {
+  m.impl("dmi_backward", &dmi_backward_cpu);
+  m.impl("dmi_backward_into", &dmi_backward_into_cpu);
+}
 
 }  // namespace dmi_ext::cpu

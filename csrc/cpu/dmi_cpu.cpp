@@ -1,5 +1,7 @@
 // The fused forward on the CPU: joint accumulation then the LU stage in one op call, the loss
-// reduced and cast. Nothing of size N x C is formed; what the backward needs is the grad table.
+// reduced and cast. What the backward needs is the grad table, and from logits (save_probs, when
+// a gradient follows) the softmax rows: the only N x C tensor, written as the rows are summed, so
+// that the backward does not compute the softmax again (issue 23).
 // Few tensors are allocated: at N = 128 a tensor allocation costs as much as the maths.
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
@@ -22,9 +24,9 @@ void write_as(const at::Tensor& out, const double* values, int64_t n) {
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(values[i]);
 }
 
-LossOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from_logits,
-                    bool normalize, double eps, int64_t ignore_index, int64_t reduction,
-                    bool validate, bool need_grad_table) {
+DmiOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from_logits,
+                   bool normalize, double eps, int64_t ignore_index, int64_t reduction,
+                   bool validate, bool need_grad_table, bool save_probs) {
   const Layout L = check_forward(input, target, eps, reduction);
   const int64_t G = L.matrices(), C = L.classes;
   // The workspace through PyTorch's CPU allocator, so that memory profiles see it, but as raw
@@ -33,7 +35,12 @@ LossOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from
   double* sums = static_cast<double*>(sums_memory.get());
   std::fill_n(sums, G * C * C, 0.0);
   c10::SmallVector<int64_t, 4> counts(G, 0);
-  joint_accumulate(input, target, L, from_logits, ignore_index, validate, sums, counts.data());
+  const at::ScalarType probs_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool keep_probs = save_probs && from_logits;
+  at::Tensor probs = keep_probs ? cpu_empty(input.sizes(), probs_dtype, at::MemoryFormat::Contiguous)
+                                : cpu_empty({0}, probs_dtype);
+  joint_accumulate(input, target, L, from_logits, ignore_index, validate, sums, counts.data(),
+                   keep_probs ? probs.data_ptr() : nullptr);
 
   c10::SmallVector<double, 4> loss(G), lad(G);
   const std::vector<int64_t> mshape = matrix_shape(L);
@@ -60,7 +67,7 @@ LossOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from
     write_as<float>(out_loss, loss.data(), out_loss.numel());
     write_as<float>(out_lad, lad.data(), G);
   }
-  return {out_loss, out_lad, singular, table};
+  return {out_loss, out_lad, singular, table, probs};
 }
 
 }  // namespace

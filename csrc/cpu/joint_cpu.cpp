@@ -29,11 +29,14 @@ int64_t chunks_per_slice(const Layout& L, int64_t threads) {
   return std::max<int64_t>(k, 1);
 }
 
+template <typename scalar_t>
+using acc_t_of = at::opmath_type<scalar_t>;
+
 template <typename scalar_t, typename index_t>
 void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layout& L,
                   bool from_logits, int64_t ignore_index, bool validate, double* sums,
-                  int64_t* counts) {
-  using acc_t = at::opmath_type<scalar_t>;
+                  int64_t* counts, acc_t_of<scalar_t>* probs_out) {
+  using acc_t = acc_t_of<scalar_t>;
   const Strides st = strides_of(input, target, L);
   const scalar_t* xp = input.const_data_ptr<scalar_t>();
   const index_t* tp = target.const_data_ptr<index_t>();
@@ -82,6 +85,8 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
         const acc_t* p_scale = nullptr;  // row i of P is p[i, :] * p_scale[i]
         if (from_logits) {
           softmax_rows(x, probs.data(), rinv.data(), nr, C);
+          if (probs_out != nullptr)
+            probability_rows(probs_out + (s * N + r) * C, probs.data(), rinv.data(), nr, C);
           p = probs.data();
           p_scale = rinv.data();
         } else if (validate) {
@@ -134,15 +139,16 @@ void joint_kernel(const at::Tensor& input, const at::Tensor& target, const Layou
 
 void joint_accumulate(const at::Tensor& input, const at::Tensor& target, const Layout& layout,
                       bool from_logits, int64_t ignore_index, bool validate, double* sums,
-                      int64_t* counts) {
+                      int64_t* counts, void* probs_out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "dmi_ext_joint_cpu", [&] {
+        auto* probs = static_cast<acc_t_of<scalar_t>*>(probs_out);
         if (target.scalar_type() == at::kLong) {
           joint_kernel<scalar_t, int64_t>(input, target, layout, from_logits, ignore_index,
-                                          validate, sums, counts);
+                                          validate, sums, counts, probs);
         } else {
           joint_kernel<scalar_t, int32_t>(input, target, layout, from_logits, ignore_index,
-                                          validate, sums, counts);
+                                          validate, sums, counts, probs);
         }
       });
 }

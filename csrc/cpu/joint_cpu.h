@@ -20,8 +20,11 @@ inline at::Tensor cpu_empty(at::IntArrayRef sizes, at::ScalarType dtype,
   return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, format);
 }
 
+// probs_out, from logits, when not null: the softmax rows as the backward reads them
+// (probability_rows), contiguous over input's (slices, N, C), float64 for a float64 input and
+// float32 otherwise.
 void joint_accumulate(const at::Tensor& input, const at::Tensor& target, const Layout& layout,
                       bool from_logits, int64_t ignore_index, bool validate, double* sums,
-                      int64_t* counts);
+                      int64_t* counts, void* probs_out = nullptr);
 
 }  // namespace dmi_ext::cpu

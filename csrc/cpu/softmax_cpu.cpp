@@ -212,7 +212,7 @@ DMI_INLINE void softmax_backward_rows_float(float* out, const float* const* grow
     const float* gr = grow[i];
     const float* er = E + i * C;
     float* o = out + i * C;
-    const float r = rinv[i];
+    const float r = rinv ? rinv[i] : 1.0f;
     // <g, p> with p = e * r formed first: an unshifted e can reach e^64, and g times it alone
     // could leave the float range where g times p cannot.
     const v8f rv = splat(r);
@@ -231,10 +231,11 @@ DMI_INLINE void softmax_backward_rows_scalar(T* g, const T* E, const T* rinv, in
   for (int64_t i = 0; i < rows; ++i) {
     T* gr = g + i * C;
     const T* er = E + i * C;
+    const T r = rinv ? rinv[i] : T(1);
+    // p = e * r formed first, as in the float path: the same bits from saved probabilities.
     T dot = 0;
-    for (int64_t k = 0; k < C; ++k) dot += gr[k] * er[k];
-    dot *= rinv[i];
-    for (int64_t k = 0; k < C; ++k) gr[k] = er[k] * rinv[i] * (gr[k] - dot);
+    for (int64_t k = 0; k < C; ++k) dot += gr[k] * (er[k] * r);
+    for (int64_t k = 0; k < C; ++k) gr[k] = er[k] * r * (gr[k] - dot);
   }
 }
 
@@ -305,6 +306,30 @@ DMI_CPU_CLONES void softmax_rows(const float* X, float* E, float* rinv, int64_t 
 }
 void softmax_rows(const double* X, double* E, double* rinv, int64_t rows, int64_t C) {
   for (int64_t i = 0; i < rows; ++i) softmax_row_exact(X + i * C, E + i * C, rinv + i, C);
+}
+DMI_CPU_CLONES void probability_rows(float* P, const float* E, const float* rinv, int64_t rows,
+                                     int64_t C) {
+  // Whole vectors per row: a row's last vector spills into the rows after it, which are written
+  // later. Only rows whose spill would leave the tile stop at C (P is the caller's past it).
+  const int64_t cv = C / 8 * 8, whole = (C + 7) / 8 * 8;
+  int64_t i = 0;
+  for (; i < rows && i * C + whole <= rows * C; ++i) {
+    const float* e = E + i * C;
+    float* p = P + i * C;
+    const v8f rv = splat(rinv[i]);
+    for (int64_t k = 0; k < C; k += 8) store8(p + k, load8(e + k) * rv);
+  }
+  for (; i < rows; ++i) {
+    const float* e = E + i * C;
+    float* p = P + i * C;
+    const float r = rinv[i];
+    for (int64_t k = 0; k < cv; k += 8) store8(p + k, load8(e + k) * splat(r));
+    for (int64_t k = cv; k < C; ++k) p[k] = e[k] * r;
+  }
+}
+void probability_rows(double* P, const double* E, const double* rinv, int64_t rows, int64_t C) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t k = 0; k < C; ++k) P[i * C + k] = E[i * C + k] * rinv[i];
 }
 DMI_CPU_CLONES void softmax_backward_rows(float* out, const float* const* grow, const float* E,
                                           const float* rinv, int64_t rows, int64_t C) {

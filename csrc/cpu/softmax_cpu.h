@@ -18,9 +18,17 @@ constexpr int64_t kTileSlack = 8;
 void softmax_rows(const float* X, float* E, float* rinv, int64_t rows, int64_t C);
 void softmax_rows(const double* X, double* E, double* rinv, int64_t rows, int64_t C);
 
-// out[i, :] = p_i * (g_i - <g_i, p_i>) with p_i = E[i, :] * rinv[i] and g_i = grow[i][0:C]:
-// the gradient w.r.t. the logits given the gradient g w.r.t. the probabilities p = softmax. The
-// rows grow[i] are padded to a multiple of 8 with zeros; out rows are contiguous (stride C).
+// P[i, :] = E[i, :] * rinv[i]: the probabilities of softmax_rows written out, the same product
+// softmax_backward_rows forms (so a backward from saved P gives the bits it gives from E, rinv).
+// E is read up to 7 elements past its last row (kTileSlack); P is written only within rows x C.
+void probability_rows(float* P, const float* E, const float* rinv, int64_t rows, int64_t C);
+void probability_rows(double* P, const double* E, const double* rinv, int64_t rows, int64_t C);
+
+// out[i, :] = p_i * (g_i - <g_i, p_i>) with p_i = E[i, :] * rinv[i] (rinv null: p_i = E[i, :],
+// the rows of probability_rows) and g_i = grow[i][0:C]: the gradient w.r.t. the logits given the
+// gradient g w.r.t. the probabilities p = softmax. The rows grow[i] are padded to a multiple of 8
+// with zeros; out rows are contiguous (stride C). The last row of E is read up to 7 elements
+// past its end (never used): E needs kTileSlack extra elements.
 void softmax_backward_rows(float* out, const float* const* grow, const float* E,
                            const float* rinv, int64_t rows, int64_t C);
 // The same in float64, with g a rows x C tile overwritten by the result.

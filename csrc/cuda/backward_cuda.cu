@@ -203,8 +203,11 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& input, const
 
 at::Tensor dmi_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input,
                              const at::Tensor& target, const at::Tensor& grad_table,
-                             bool from_logits, int64_t ignore_index, int64_t reduction) {
-  const Layout L = check_backward(grad_loss, input, target, grad_table, reduction);
+                             bool from_logits, int64_t ignore_index, int64_t reduction,
+                             const std::optional<at::Tensor>& probs) {
+  // Given probabilities are checked like the CPU's; the kernel recomputes the softmax (the same
+  // bytes read as from saved probabilities, see dmi_cuda.cu).
+  const Layout L = check_backward(grad_loss, input, target, grad_table, reduction, probs);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor table = grad_table.contiguous();
   at::Tensor go = grad_loss.reshape({-1});

@@ -128,9 +128,17 @@ at::Tensor no_table_unless(bool need_grad_table, const at::Tensor& table) {
   return need_grad_table ? table : table.narrow(0, 0, 0);
 }
 
-LossOutputs dmi_cuda(const at::Tensor& input, const at::Tensor& target, bool from_logits,
-                     bool normalize, double eps, int64_t ignore_index, int64_t reduction,
-                     bool validate, bool need_grad_table) {
+// save_probs: the CUDA forward keeps no probabilities (an empty (0,) tensor): its backward
+// recomputes the softmax from the logits, which reads the same bytes that reading saved
+// probabilities would, and the forward saves writing N x C of them (docs/contract.md §4).
+at::Tensor no_probs(const at::Tensor& input) {
+  return at::empty({0}, input.options().dtype(input.scalar_type() == at::kDouble ? at::kDouble
+                                                                                 : at::kFloat));
+}
+
+DmiOutputs dmi_cuda(const at::Tensor& input, const at::Tensor& target, bool from_logits,
+                    bool normalize, double eps, int64_t ignore_index, int64_t reduction,
+                    bool validate, bool need_grad_table, bool /*save_probs*/) {
   const Layout L = check_forward(input, target, eps, reduction);
   const c10::cuda::CUDAGuard guard(input.device());
   check_validate_allowed(validate);
@@ -149,7 +157,7 @@ LossOutputs dmi_cuda(const at::Tensor& input, const at::Tensor& target, bool fro
     if (validate) raise_recorded_errors(out.errors, input, target, L, ignore_index);
     at::Tensor loss = reduction == kReductionNone ? out.loss.view(mshape) : out.loss;
     return {loss, out.logabsdet.view(mshape), out.singular.view(mshape),
-            no_table_unless(need_grad_table, out.grad_table)};
+            no_table_unless(need_grad_table, out.grad_table), no_probs(input)};
   }
 
   o.fused = false;
@@ -166,7 +174,7 @@ LossOutputs dmi_cuda(const at::Tensor& input, const at::Tensor& target, bool fro
     out = total.to(dtype);
   }
   return {out, lad.to(dtype).view(mshape), singular.view(mshape),
-          no_table_unless(need_grad_table, table)};
+          no_table_unless(need_grad_table, table), no_probs(input)};
 }
 
 }  // namespace

@@ -15,6 +15,7 @@ namespace {
 
 using Tensor = at::Tensor;
 using Four = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Five = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 int failures = 0;
 
@@ -45,15 +46,15 @@ const auto& joint_op() {
 const auto& dmi_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dmi_ext::dmi", "")
-                       .typed<Four(const Tensor&, const Tensor&, bool, bool, double, int64_t,
-                                   int64_t, bool, bool)>();
+                       .typed<Five(const Tensor&, const Tensor&, bool, bool, double, int64_t,
+                                   int64_t, bool, bool, bool)>();
   return op;
 }
 const auto& backward_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dmi_ext::dmi_backward", "")
                        .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                     bool, int64_t, int64_t)>();
+                                     bool, int64_t, int64_t, const std::optional<Tensor>&)>();
   return op;
 }
 
@@ -133,23 +134,36 @@ void test_joint_hand_case() {
 void test_fused_and_backward() {
   Tensor p = at::tensor({0.2, 0.8, 0.6, 0.4, 0.5, 0.5, 0.9, 0.1}, at::kDouble).view({4, 2});
   Tensor y = at::tensor({0, 1, 0, -100}, at::kLong);
-  auto [loss, lad, sing, table] = dmi_op().call(p, y, false, true, 0.0, -100, 1, true, true);
+  auto [loss, lad, sing, table, none] =
+      dmi_op().call(p, y, false, true, 0.0, -100, 1, true, true, true);
+  check(none.numel() == 0, "probabilities as input: nothing saved for the backward");
   // U = [[0.7, 1.3], [0.6, 0.4]] / 3, det = (0.28 - 0.78) / 9.
   check(near(loss.item<double>(), -std::log(0.5 / 9)), "fused loss on the hand case");
   auto [sums, counts] = joint_op().call(p, y, false, -100, true);
   auto [l2, lad2, s2, t2] = lu_loss_op().call(sums, counts, true, 0.0);
   check(close(loss, l2) && close(table, t2.unsqueeze(0)), "fused op = joint then lu_loss");
-  Tensor grad = backward_op().call(at::ones({}, at::kDouble), p, y, table, false, -100, 1);
+  Tensor grad =
+      backward_op().call(at::ones({}, at::kDouble), p, y, table, false, -100, 1, std::nullopt);
   check(close(grad[0], table[0][0]) && close(grad[1], table[0][1]) && close(grad[2], table[0][0]),
         "backward gathers row target_i of the table");
   check(at::count_nonzero(grad[3]).item<int64_t>() == 0, "backward: ignored row gets 0");
+  // From logits: the saved softmax, and a backward from it gives the recomputed gradient bit for bit.
+  Tensor z = at::randn({37, 5});
+  Tensor yz = at::randint(0, 5, {37}, at::kLong);
+  auto [lz, ladz, sz, tz, pz] = dmi_op().call(z, yz, true, true, 0.0, -100, 1, true, true, true);
+  check(close(pz, at::softmax(z, -1), 1e-6), "saved probabilities = softmax(z)");
+  const Tensor one = at::ones({}, at::kFloat);
+  check(at::equal(backward_op().call(one, z, yz, tz, true, -100, 1, pz),
+                  backward_op().call(one, z, yz, tz, true, -100, 1, std::nullopt)),
+        "backward from saved probabilities = backward recomputing them, bitwise");
 }
 
 void test_bad_label_raises() {
   Tensor z = at::randn({4, 3});
   bool raised = false;
   try {
-    dmi_op().call(z, at::tensor({0, 1, 5, 2}, at::kLong), true, true, 0.0, -100, 1, true, true);
+    dmi_op().call(z, at::tensor({0, 1, 5, 2}, at::kLong), true, true, 0.0, -100, 1, true, true,
+                  false);
   } catch (const c10::IndexError& e) {
     raised = std::string(e.what_without_backtrace()).find("label 5") != std::string::npos;
   }

@@ -208,8 +208,9 @@ def run_cases(library):
 
     def loss_grad(x, y, up, **kw):
         x = x.detach().clone().requires_grad_(True)
-        loss, lad, singular, table = emu.dmi(x, y, kw.get("from_logits", True), kw.get("normalize", True),
-                                             kw.get("eps", 0.0), -100, 0, kw.get("validate", True))
+        loss, lad, singular, table, _ = emu.dmi(x, y, kw.get("from_logits", True),
+                                                kw.get("normalize", True), kw.get("eps", 0.0),
+                                                -100, 0, kw.get("validate", True))
         (grad,) = torch.autograd.grad(loss, x, up)
         return loss.detach(), singular, grad
 
