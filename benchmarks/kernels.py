@@ -65,11 +65,10 @@ def stage_callables(N, C, seed=0):
     # Likewise save_probs (the forward keeps the softmax for the backward, what the autograd
     # kernel asks for): "dmi" and "dmi_backward" are then the two halves of a training step.
     arguments = [a.name for a in ops.dmi.default._schema.arguments]
-    grad_table = (True,) if "need_grad_table" in arguments else ()
-    grad_table += (True,) if "save_probs" in arguments else ()
+    flags = tuple(True for name in ("need_grad_table", "save_probs") if name in arguments)
     with torch.no_grad():
         sums, counts = ops.joint.default(z, y, True, IGNORE_INDEX, True)
-        out = ops.dmi.default(z, y, True, True, 0.0, IGNORE_INDEX, 1, True, *grad_table)
+        out = ops.dmi.default(z, y, True, True, 0.0, IGNORE_INDEX, 1, True, *flags)
     loss, table = out[0], out[3]
     saved = (out[4],) if len(out) > 4 else ()
     grad_loss = torch.ones_like(loss)
@@ -82,7 +81,7 @@ def stage_callables(N, C, seed=0):
     fns = {
         "joint": lambda: ops.joint.default(z, y, True, IGNORE_INDEX, True),
         "lu_loss": lambda: ops.lu_loss.default(sums, counts, True, 0.0),
-        "dmi": lambda: ops.dmi.default(z, y, True, True, 0.0, IGNORE_INDEX, 1, True, *grad_table),
+        "dmi": lambda: ops.dmi.default(z, y, True, True, 0.0, IGNORE_INDEX, 1, True, *flags),
         "dmi_backward": lambda: ops.dmi_backward.default(grad_loss, z, y, table, True,
                                                          IGNORE_INDEX, 1, *saved),
         "cross-entropy": cross_entropy,

@@ -72,6 +72,7 @@ Strides strides_of(const at::Tensor& input, const at::Tensor& target, const Layo
                                         double row_sum, double row_min);
 
 // The dtype of the loss and log|det| outputs: float32 for 16-bit inputs, else the input's dtype.
+// It is also the dtype the kernels compute the softmax in, and so that of saved probabilities.
 at::ScalarType loss_dtype(at::ScalarType input_dtype);
 
 // Shapes of the per-matrix outputs: () for a single matrix, else (matrices,).

@@ -147,7 +147,7 @@ Layout check_backward(const at::Tensor& grad_loss, const at::Tensor& input,
                     "device, got ", grad_loss.device(), ", ", grad_table.device(), " and ",
                     input.device());
   if (has_probs(probs)) {
-    const at::ScalarType want = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::ScalarType want = loss_dtype(input.scalar_type());
     TORCH_CHECK_TYPE(probs->scalar_type() == want, "dmi_ext: argument 'probs' must be ", want,
                      " for ", input.scalar_type(), " input (the forward's saved softmax), got ",
                      probs->scalar_type());

@@ -129,11 +129,10 @@ def _dmi_fake(input, target, from_logits, normalize, eps, ignore_index, reductio
     batch = () if single else (G,)
     dtype = _loss_dtype(input)
     loss = input.new_empty(batch if reduction == 0 else (), dtype=dtype)
-    # The saved softmax: only the CPU kernel keeps it (csrc/dmi.h), from logits when asked.
-    probs_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    # The saved softmax, in the loss dtype: only the CPU kernel keeps it (csrc/dmi.h), from
+    # logits when asked; otherwise the (0,) placeholder.
     keep = save_probs and from_logits and input.device.type == "cpu"
-    probs = (input.new_empty(input.shape, dtype=probs_dtype) if keep
-             else input.new_empty((0,), dtype=probs_dtype))
+    probs = input.new_empty(input.shape if keep else (0,), dtype=dtype)
     return (loss, input.new_empty(batch, dtype=dtype), input.new_empty(batch, dtype=torch.bool),
             input.new_empty((G if need_grad_table else 0, C, C), dtype=torch.float64), probs)
 
@@ -168,8 +167,8 @@ def _dmi_backward_fake(grad_loss, input, target, grad_table, from_logits, ignore
         raise ValueError(f"dmi_ext: argument 'grad_loss' has {grad_loss.numel()} elements, "
                          f"expected {expected}")
     _check_same_device(("grad_loss", grad_loss), ("grad_table", grad_table), ("input", input))
-    if probs is not None and probs.numel() > 0:
-        want = torch.float64 if input.dtype == torch.float64 else torch.float32
+    if probs is not None and not (probs.dim() == 1 and probs.shape[0] == 0):  # not the placeholder
+        want = _loss_dtype(input)
         if probs.dtype != want:
             raise TypeError(f"dmi_ext: argument 'probs' must be {want} for {input.dtype} input "
                             f"(the forward's saved softmax), got {probs.dtype}")

@@ -54,7 +54,7 @@ void backward_float(const BackwardArgs<scalar_t, index_t>& a) {
   const float* saved = static_cast<const float*>(a.probs);
   const int64_t total_rows = a.L.slices * N;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (C * M));
-  at::parallel_for(0, a.L.slices * N, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, total_rows, grain, [&](int64_t begin, int64_t end) {
     const int64_t TR = tile_rows(C, end - begin);
     const bool in_place = float_out && rows_in_place<scalar_t, float>(a.st.input_row,
                                                                       a.st.input_class, C);

@@ -35,10 +35,10 @@ DmiOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from_
   double* sums = static_cast<double*>(sums_memory.get());
   std::fill_n(sums, G * C * C, 0.0);
   c10::SmallVector<int64_t, 4> counts(G, 0);
-  const at::ScalarType probs_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool keep_probs = save_probs && from_logits;
-  at::Tensor probs = keep_probs ? cpu_empty(input.sizes(), probs_dtype, at::MemoryFormat::Contiguous)
-                                : cpu_empty({0}, probs_dtype);
+  const at::ScalarType dtype = loss_dtype(input.scalar_type());  // also the softmax's
+  at::Tensor probs = keep_probs ? cpu_empty(input.sizes(), dtype, at::MemoryFormat::Contiguous)
+                                : cpu_empty({0}, dtype);
   joint_accumulate(input, target, L, from_logits, ignore_index, validate, sums, counts.data(),
                    keep_probs ? probs.data_ptr() : nullptr);
 
@@ -49,7 +49,6 @@ DmiOutputs dmi_cpu(const at::Tensor& input, const at::Tensor& target, bool from_
   lu_loss_all(sums, counts.data(), G, C, normalize, eps, loss.data(), lad.data(),
               singular.data_ptr<bool>(), need_grad_table ? table.data_ptr<double>() : nullptr);
 
-  const at::ScalarType dtype = loss_dtype(input.scalar_type());
   at::Tensor out_lad = cpu_empty(mshape, dtype);
   at::Tensor out_loss;
   if (reduction == kReductionNone) {

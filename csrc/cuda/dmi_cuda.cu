@@ -132,8 +132,7 @@ at::Tensor no_table_unless(bool need_grad_table, const at::Tensor& table) {
 // recomputes the softmax from the logits, which reads the same bytes that reading saved
 // probabilities would, and the forward saves writing N x C of them (docs/contract.md §4).
 at::Tensor no_probs(const at::Tensor& input) {
-  return at::empty({0}, input.options().dtype(input.scalar_type() == at::kDouble ? at::kDouble
-                                                                                 : at::kFloat));
+  return at::empty({0}, input.options().dtype(loss_dtype(input.scalar_type())));
 }
 
 DmiOutputs dmi_cuda(const at::Tensor& input, const at::Tensor& target, bool from_logits,
